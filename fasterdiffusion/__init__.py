@@ -1,0 +1,11 @@
+"""FasterDiffusion engine: host-free planning for encoder propagation (arXiv 2312.09608).
+
+Nothing in this package imports a host (ComfyUI, A1111, Forge, diffusers); host adapters live in
+``patches/`` and call into it.  Only the standard library is needed here.
+"""
+from .strategy import (GRAMMAR, PAPER_KEYS_50, Plan, StrategyError, make_plan, parse_strategy,
+                       predicted_cost_fraction)
+from .schedule import match_step
+
+__all__ = ["GRAMMAR", "PAPER_KEYS_50", "Plan", "StrategyError", "make_plan", "parse_strategy",
+           "predicted_cost_fraction", "match_step"]

@@ -1,0 +1,127 @@
+"""The pack inside a real ComfyUI server: queue an API-format prompt over HTTP, follow the websocket."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+
+import testmodel as tm
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / tm.PACK_DIR_NAME).symlink_to(tm.REPO, target_is_directory=True)
+    (base / "custom_nodes" / "fd_test_nodes").symlink_to(HERE / "host_nodes" / "fd_test_nodes")
+    port = free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
+         "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+         "--disable-api-nodes", "--disable-auto-launch"],
+        cwd=tm.comfy_dir(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/system_stats", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-3000:])
+        yield url, base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def graph(strategy="paper"):
+    ksampler = lambda steps, seed: {"class_type": "KSampler", "inputs": {
+        "model": ["2", 0], "seed": seed, "steps": steps, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "denoise": 1.0}}
+    return {
+        "1": {"class_type": "FDTestDigitsModel", "inputs": {}},
+        "2": {"class_type": "FasterDiffusionApply", "inputs": {"model": ["1", 0], "strategy": strategy,
+                                                               "parallel": True, "max_decoder_batch": 32}},
+        "3": {"class_type": "FDTestDigitsCond", "inputs": {"digit": 7}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": ksampler(10, 1),
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "fd_a"}},
+        "7": ksampler(12, 2),       # a second sampler on the same patched model
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "fd_b"}},
+    }
+
+
+def test_node_is_listed(server):
+    url, _ = server
+    info = requests.get(url + "/object_info/FasterDiffusionApply", timeout=10).json()["FasterDiffusionApply"]
+    assert info["display_name"] == "FasterDiffusion Apply"
+    assert info["input"]["required"]["strategy"][1]["default"] == "paper"
+
+
+def test_prompt_over_http_with_progress_and_stats(server):
+    url, base = server
+    client_id = str(uuid.uuid4())
+    ws = websocket.create_connection(f"{url.replace('http', 'ws')}/ws?clientId={client_id}", timeout=120)
+    r = requests.post(url + "/prompt", json={"prompt": graph(), "client_id": client_id}, timeout=10)
+    assert r.status_code == 200, r.text
+    prompt_id = r.json()["prompt_id"]
+    progress, texts, done = {}, [], None
+    deadline = time.time() + 180
+    while done is None and time.time() < deadline:
+        msg = ws.recv()
+        if isinstance(msg, bytes):
+            if int.from_bytes(msg[:4], "big") == 3:          # BinaryEventTypes.TEXT: text shown on a node
+                n = int.from_bytes(msg[4:8], "big")
+                texts.append((msg[8:8 + n].decode(), msg[8 + n:].decode()))
+            continue
+        m = json.loads(msg)
+        if m["type"] == "progress" and m["data"].get("prompt_id") == prompt_id:
+            progress[m["data"]["node"]] = m["data"]["max"]
+        elif m["type"] in ("execution_success", "execution_error", "execution_interrupted") \
+                and m["data"].get("prompt_id") == prompt_id:
+            done = m
+    ws.close()
+    assert done is not None and done["type"] == "execution_success", done
+    assert progress == {"5": 10, "7": 12}
+    stats = sorted(t for node, t in texts if node == "2" and t.startswith("FasterDiffusion [paper]"))
+    assert len(stats) == 2, texts                            # one line per sampler run, on the Apply node
+    assert "10 steps, encoder ran 5x and was skipped 5x" in stats[0] and "decoder batches [2, 5]" in stats[0]
+    assert "12 steps, encoder ran 6x and was skipped 6x" in stats[1] and "decoder batches [2, 5, 2]" in stats[1]
+    for _ in range(50):                                     # /history can lag behind execution_success
+        h = requests.get(f"{url}/history/{prompt_id}", timeout=10).json()
+        if prompt_id in h:
+            break
+        time.sleep(0.2)
+    assert h[prompt_id]["status"]["status_str"] == "success"
+    assert sorted(p.name for p in (base / "output").glob("fd_*.latent")) == ["fd_a_00001_.latent", "fd_b_00001_.latent"]
+
+
+def test_bad_strategy_fails_validation(server):
+    url, _ = server
+    r = requests.post(url + "/prompt", json={"prompt": graph("every other"), "client_id": "x"}, timeout=10)
+    assert r.status_code == 400
+    err = json.dumps(r.json())
+    assert "'every other' is neither a known name nor a step index" in err and "uniform:K" in err

@@ -1,0 +1,83 @@
+"""The host-free engine: strategies, plans, groups, cost model, schedule matching.  No ComfyUI here."""
+import pytest
+
+from fasterdiffusion import (GRAMMAR, PAPER_KEYS_50, StrategyError, make_plan, match_step, parse_strategy,
+                             predicted_cost_fraction)
+
+
+def test_paper_50_is_the_papers_list_and_groups():
+    plan = make_plan("paper", 50)
+    assert plan.keys == PAPER_KEYS_50 == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    assert plan.group_sizes == [1, 1, 1, 2, 5, 5, 10, 10, 15]
+    assert plan.groups[4] == (5, 6, 7, 8, 9)
+
+
+def test_paper_fewer_steps_is_the_truncated_list():
+    assert make_plan("paper", 20).keys == (0, 1, 2, 3, 5, 10, 15)     # the paper's DPM-Solver-20 set
+    assert make_plan("paper", 20).group_sizes == [1, 1, 1, 2, 5, 5, 5]
+    assert make_plan("paper", 4).keys == (0, 1, 2, 3)
+    assert make_plan("paper", 1).keys == (0,)
+
+
+def test_paper_more_steps_stretches_and_stays_dense_early():
+    keys = make_plan("paper", 100).keys
+    assert keys[:4] == (0, 1, 2, 3)
+    assert keys[4:] == (4, 6, 10, 20, 30, 50, 70)
+    gaps = [b - a for a, b in zip(keys, keys[1:])]
+    assert gaps == sorted(gaps), "keys get sparser towards the end"
+
+
+def test_uniform_all_and_lists():
+    assert make_plan("uniform:4", 10).keys == (0, 4, 8)
+    assert make_plan(" Uniform:1 ", 3).keys == (0, 1, 2)
+    assert make_plan("all", 5).group_sizes == [1] * 5
+    plan = make_plan("0, 1,2,3,5,10", 8)
+    assert plan.keys == (0, 1, 2, 3, 5) and plan.ignored == (10,)
+    assert make_plan("3,0,3", 5).keys == (0, 3)
+
+
+def test_every_step_in_exactly_one_group():
+    for s in ("paper", "uniform:3", "all", "0,2,7"):
+        for n in (1, 2, 7, 20, 50, 77):
+            plan = make_plan(s, n)
+            flat = [i for g in plan.groups for i in g]
+            assert flat == list(range(n))
+            assert all(g[0] in plan.keys for g in plan.groups)
+            assert plan.group_of(n - 1) == plan.groups[-1]
+
+
+@pytest.mark.parametrize("bad,problem", [
+    ("", "neither a known name"), ("fast", "'fast' is neither"), ("uniform", "whole number"),
+    ("uniform:0", "K >= 1"), ("uniform:x", "whole number"), ("1,2,3", "step 0 must be a key step"),
+    ("0,-1", "'-1' is neither"), ("0,1.5", "'1.5' is neither"),
+])
+def test_bad_strings_name_the_problem_and_show_the_grammar(bad, problem):
+    with pytest.raises(StrategyError) as e:
+        parse_strategy(bad)
+    assert problem in str(e.value)
+    assert GRAMMAR in str(e.value)
+    assert repr(bad) in str(e.value)
+
+
+def test_strategy_round_trips_as_text():
+    for s in ("paper", "all", "uniform:4", "0,1,2,3,5,10"):
+        assert str(parse_strategy(s)) == s
+
+
+def test_cost_model():
+    plan = make_plan("paper", 50)
+    assert predicted_cost_fraction(plan, 0.31) == pytest.approx((9 + 41 * 0.69) / 50)
+    assert predicted_cost_fraction(make_plan("all", 50), 0.31) == 1.0
+    # parallel with linear batch cost saves exactly the encoder FLOPs, like sequential
+    assert predicted_cost_fraction(plan, 0.31, parallel=True) == pytest.approx(predicted_cost_fraction(plan, 0.31))
+    # with a flat batch cost (GPU eager) a group costs one encoder + one decoder call
+    flat = predicted_cost_fraction(plan, 0.42, parallel=True, batch_cost=lambda w: 1.0)
+    assert flat == pytest.approx(9 / 50)
+
+
+def test_match_step():
+    sched = [14.6, 7.0, 3.1, 1.0, 0.0]
+    assert match_step(sched, 14.6) == 0
+    assert match_step(sched, 3.1 * (1 + 1e-6)) == 2
+    assert match_step(sched, 5.0) is None        # a midpoint (DPM2-type samplers)
+    assert match_step(sched, 0.0) is None        # the final sigma is never a model step

