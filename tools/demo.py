@@ -67,7 +67,7 @@ def main():
         p = psnr(img, images["baseline"])
         print(f"{name:15s} {t:7.3f} {t / base_t:6.3f} {p:8.2f} {(img - images['baseline']).abs().max().item():7.4f} {acc:9.0%}")
     for name, c in configs.items():
-        print(f"  {name}: {c.reports[-1]['decoder_batches']=}".replace("c.reports[-1]['decoder_batches']", "decoder batches"))
+        print(f"  {name}: decoder batches {c.reports[-1]['decoder_batches']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     diff = ((images["FD parallel"] - images["baseline"]).abs() * 4).clamp(0, 1)
