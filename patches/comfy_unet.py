@@ -26,6 +26,7 @@ from ..fasterdiffusion import Plan, make_plan, match_step
 from ..fasterdiffusion.strategy import Strategy
 
 KEY = "faster_diffusion"
+WRAP = comfy.patcher_extension.WrappersMP
 log = logging.getLogger("FasterDiffusion")
 
 
@@ -120,24 +121,23 @@ def _rows(t, n):
     return torch.cat([t] * n)
 
 
-def run_decoder_batch(unet, feats: Features, timesteps_per_step, context, y, to, kwargs, max_rows):
+def run_decoder_batch(unet, feats: Features, steps, context, y, to, kwargs, max_rows):
     """Decoder outputs for several steps of one group from one set of features, in as few batched
-    calls as ``max_rows`` (0 = no cap) allows; returns (outputs, steps per call).  Rows are
-    independent, so sub-batching is exact."""
+    calls as ``max_rows`` (0 = no cap) allows; returns (outputs, steps per call).  ``steps`` holds one
+    (timesteps, sigmas) pair of per-row tensors per step.  Rows are independent: sub-batching is exact."""
     b = feats.mid.shape[0]
-    per_call = len(timesteps_per_step) if max_rows <= 0 else max(1, max_rows // b)
+    per_call = len(steps) if max_rows <= 0 else max(1, max_rows // b)
     outs, widths = [], []
-    for s in range(0, len(timesteps_per_step), per_call):
-        ts = timesteps_per_step[s:s + per_call]
-        n = len(ts)
+    for s in range(0, len(steps), per_call):
+        chunk = steps[s:s + per_call]
+        n = len(chunk)
         tb = dict(to)   # the batched call sees a consistent, step-major view of the batch
         tb["cond_or_uncond"] = list(to.get("cond_or_uncond", [])) * n
         tb["uuids"] = list(to.get("uuids", [])) * n
-        if "sigmas" in to:
-            tb["sigmas"] = _rows(to["sigmas"], n)
-        big = Features([_rows(t, n) for t in feats.hs], _rows(feats.mid, n), feats.transformer_index, feats.dtype)
+        tb["sigmas"] = torch.cat([sig for _, sig in chunk])
         tb["original_shape"] = [b * n] + list(to.get("original_shape", [b]))[1:]
-        emb = embed_time(unet, torch.cat(ts), _rows(y, n), feats.dtype, tb)
+        big = Features([_rows(t, n) for t in feats.hs], _rows(feats.mid, n), feats.transformer_index, feats.dtype)
+        emb = embed_time(unet, torch.cat([t for t, _ in chunk]), _rows(y, n), feats.dtype, tb)
         out = run_decoder(unet, big, emb, _rows(context, n), None, tb, kwargs)
         outs.extend(out.chunk(n))
         widths.append(n)
@@ -234,9 +234,10 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
             _parallel_off(run, "ControlNet residuals change every step: decoders ran one step at a time")
         run.stats["decoder_batches"].append(1)
         return run_decoder(unet, feats, emb, context, control, to, kwargs)
-    b = x.shape[0]
-    ts = [timesteps] + [run.timesteps[s].expand(b).to(timesteps) for s in group[1:]]
-    outs, widths = run_decoder_batch(unet, feats, ts, context, y, to, kwargs, run.config.max_decoder_batch)
+    sig = to["sigmas"]
+    steps = [(timesteps, sig)] + [(run.timesteps[s].to(timesteps).expand_as(timesteps),
+                                   torch.full_like(sig, run.schedule[s])) for s in group[1:]]
+    outs, widths = run_decoder_batch(unet, feats, steps, context, y, to, kwargs, run.config.max_decoder_batch)
     run.stats["decoder_batches"].extend(widths)
     for s, out in zip(group[1:], outs[1:]):
         run.outputs[(slot, s)] = out
@@ -338,8 +339,15 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
         log.warning("FasterDiffusion: passing the model through unchanged: %s", reason)
         return model, None
     m = model.clone()
+    if isinstance(m.model_options["transformer_options"].get(KEY), FasterDiffusionConfig):
+        log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
+        for wrapper_type in (WRAP.OUTER_SAMPLE, WRAP.DIFFUSION_MODEL):
+            m.remove_wrappers_with_key(wrapper_type, KEY)
+    if m.get_wrappers(WRAP.DIFFUSION_MODEL, "easycache"):
+        log.warning("FasterDiffusion: EasyCache/LazyCache is also applied to this model; both skip work "
+                    "at the same steps in different ways, and the combination is untested")
     config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id)
     m.model_options["transformer_options"][KEY] = config
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(WRAP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
     return m, config

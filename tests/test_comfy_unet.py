@@ -57,6 +57,16 @@ def test_apply_works_on_a_clone(pack, digits):
     assert not model.wrappers and patched.wrappers
 
 
+def test_applying_twice_keeps_only_the_last_settings(pack, digits):
+    model, tok = digits
+    once, _ = apply(pack, model, "paper")
+    twice, config = apply(pack, once, "uniform:2", parallel=False)
+    assert len(twice.get_wrappers(pack.cu.WRAP.DIFFUSION_MODEL, pack.cu.KEY)) == 1
+    assert len(twice.get_wrappers(pack.cu.WRAP.OUTER_SAMPLE, pack.cu.KEY)) == 1
+    assert torch.equal(sample(twice, tok), sample(apply(pack, model, "uniform:2", parallel=False)[0], tok))
+    assert config.reports[-1]["strategy"] == "uniform:2" and config.reports[-1]["cached_calls"] == 10
+
+
 # ------------------------------------------------------------------------------------- exactness
 
 def test_all_steps_key_and_bypass_are_bit_identical(pack, digits):
@@ -91,7 +101,7 @@ def test_decoder_on_fresh_features_equals_host_forward(pack, digits, which):
         other = cu.run_decoder(unet, feats, cu.embed_time(unet, t2, y, x.dtype, {}), ctx, None, {}, {})
         assert rel(other, ref) > 1e-3
         # ... and batched over steps equals one call per step
-        outs, widths = cu.run_decoder_batch(unet, feats, [t, t2], ctx, y, {}, {}, max_rows=0)
+        outs, widths = cu.run_decoder_batch(unet, feats, [(t, t), (t2, t2)], ctx, y, {}, {}, max_rows=0)
         assert widths == [2] and rel(outs[0], ref) < 1e-5 and rel(outs[1], other) < 1e-5
         assert torch.equal(feats.mid, cu.run_encoder(unet, x, emb, ctx, None, {}, {}).mid), "features untouched"
 
@@ -165,6 +175,21 @@ def test_non_key_output_does_not_depend_on_the_latent(pack, digits, parallel):
         assert torch.equal(outputs[k], outputs[k - 1])
     r = config.reports[-1]
     assert (r["fallback_calls"], r["cached_calls"], r["encoder_calls"]) == (0, 12, 2)
+
+
+def test_freeu_in_place_output_patch_keeps_working_and_the_cache_clean(pack, digits):
+    """FreeU (a real ComfyUI output_block_patch) edits ``h`` in place; at block 0 that is the cached
+    middle output.  It must act at every decoder step without corrupting the cache."""
+    from comfy_extras.nodes_freelunch import FreeU_V2
+    model, tok = digits
+    (free,) = FreeU_V2().patch(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    base = sample(free, tok)
+    assert rel(base, sample(model, tok)) > 1e-3, "FreeU acts on this model's middle block"
+    assert torch.equal(sample(apply(pack, free, "all")[0], tok), base)
+    seq = sample(apply(pack, free, "paper", parallel=False)[0], tok)
+    par = sample(apply(pack, free, "paper")[0], tok)
+    assert rel(par, seq) < 1e-4
+    assert rel(tm.decode(par), tm.decode(base)) < 0.2
 
 
 # ------------------------------------------------------------------------------------- batching
