@@ -35,7 +35,7 @@ def main():
     images, labels = tm.digits_dataset()
     data = tm.images_to_latents(images)                      # model space, [-1, 1]
     mp = tm.build_model_patcher(tm.digits_model_config(), seed=SEED)
-    unet = mp.model.diffusion_model.train()
+    unet = mp.model.diffusion_model.train().requires_grad_(True)   # the patcher builds it frozen
     sigmas = mp.model.model_sampling.sigmas.float()          # sigma for each of the 1000 timesteps
     tokens = torch.nn.Parameter(torch.randn(11, tm.CONTEXT_TOKENS, tm.CONTEXT_DIM))
     params = list(unet.parameters()) + [tokens]
