@@ -73,6 +73,35 @@ def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
     return enc.get_total_flops() / full.get_total_flops()
 
 
+def print_decoder_memory(unet, cu, size, pos, adm, dtype, device):
+    """Peak CUDA memory of one full forward (CFG batch 2) and of one batched decoder call per group width,
+    over the weights: what ``max_decoder_batch`` trades against speed."""
+    import torch
+    ctx = pos[0][0].to(device, dtype).repeat(2, 1, 1)
+    y = torch.randn(2, adm, device=device, dtype=dtype) if adm else None
+    x = torch.randn(2, 4, size, size, device=device, dtype=dtype)
+    t = torch.full((2,), 500.0, device=device)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+    full = peak(lambda: unet(x, t, ctx, y, None, {}))
+    with torch.no_grad():
+        feats = cu.run_encoder(unet, x, cu.embed_time(unet, t, y, dtype, {}), ctx, None, {}, {})
+    row = []
+    for width in (1, 2, 4, 8, 10, 15, 16):
+        steps = [(t, t)] * width
+        row.append(f"x{width} ({2 * width} rows) {peak(lambda: cu.run_decoder_batch(unet, feats, steps, ctx, y, {}, {}, 0)):.2f}")
+    print(f"peak GiB above weights: full forward b2 {full:.2f}; decoder " + ", ".join(row))
+
+
 def psnr(a, b, peak):
     mse = float(((a.float() - b.float()) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
@@ -90,6 +119,8 @@ def main():
     ap.add_argument("--max-decoder-batch", type=int, default=32, help="the node's memory cap (samples per call)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--memory", action="store_true",
+                    help="CUDA only: also print peak memory of one batched decoder call per group width")
     args = ap.parse_args()
 
     tm.boot_comfy(cpu=args.device == "cpu")
@@ -170,6 +201,8 @@ def main():
             tot = statistics.median(times[label][1])
             pred = 1.0 if label == "baseline" else predicted
             print(f"{label:12s} {u:8.3f} {tot:8.3f} {u / base_unet:10.3f} {pred:9.3f} {fid[label]:11.2f}")
+        if args.memory and cuda:
+            print_decoder_memory(unet, cu, size, pos, adm, model.model_dtype(), args.device)
         del variants, timed_model, model
         if cuda:
             torch.cuda.empty_cache()
