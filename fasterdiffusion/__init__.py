@@ -6,6 +6,8 @@ Nothing in this package imports a host (ComfyUI, A1111, Forge, diffusers); host 
 from .strategy import (GRAMMAR, PAPER_KEYS_50, Plan, StrategyError, make_plan, parse_strategy,
                        predicted_cost_fraction)
 from .schedule import match_step
+from .injection import DEFAULT_ALPHA, DEFAULT_THRESHOLD, injection_scale, injection_steps
 
 __all__ = ["GRAMMAR", "PAPER_KEYS_50", "Plan", "StrategyError", "make_plan", "parse_strategy",
-           "predicted_cost_fraction", "match_step"]
+           "predicted_cost_fraction", "match_step", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "injection_scale",
+           "injection_steps"]

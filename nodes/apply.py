@@ -4,6 +4,16 @@ from __future__ import annotations
 from ..fasterdiffusion import StrategyError, parse_strategy
 from ..patches.comfy_unet import apply_faster_diffusion
 
+def validate_strategy(strategy):
+    """ComfyUI's queue-time check: True, or the error text (linked inputs arrive as None; checked when run)."""
+    if isinstance(strategy, str):
+        try:
+            parse_strategy(strategy)
+        except StrategyError as e:
+            return str(e)
+    return True
+
+
 class FasterDiffusionApply:
     DESCRIPTION = (
         "Encoder propagation: at key steps the whole UNet runs and its encoder features are cached; "
@@ -41,12 +51,7 @@ class FasterDiffusionApply:
 
     @classmethod
     def VALIDATE_INPUTS(cls, strategy=None, **_):
-        if isinstance(strategy, str):   # linked inputs arrive as None here; checked when run
-            try:
-                parse_strategy(strategy)
-            except StrategyError as e:
-                return str(e)
-        return True
+        return validate_strategy(strategy)
 
     def apply(self, model, strategy="paper", parallel=True, max_decoder_batch=32, unique_id=None):
         patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, unique_id)

@@ -168,6 +168,8 @@ class RunState:
         self.features: dict = {}      # call slot -> (group, Features)
         self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
         self.parallel_off_reason = None
+        self.bypass = None            # why this run computes every step in full, if it does
+        self.superseded = False       # a sampler node took this (Apply node's) run over
         self.stats = dict(steps=self.plan.num_steps, strategy=self.plan.strategy, keys=list(self.plan.keys),
                           full_calls=0, encoder_calls=0, cached_calls=0, off_schedule_calls=0,
                           fallback_calls=0, decoder_batches=[], parallel=config.parallel)
@@ -253,45 +255,75 @@ def _has_decoder_control(control):
     return control is not None and any(len(control.get(k) or []) for k in ("middle", "output"))
 
 
-# Samplers whose every step replaces the latent by (prediction + fresh noise): a decoder run on another
-# latent's encoder features cannot stand in for their steps (digits model, 20 steps: 100% -> 25%).
-RENOISING_SAMPLERS = {"sample_lcm": "lcm"}
+# Samplers that cached encoder features cannot serve: every step of theirs then runs in full, with a log
+# line.  Found by sampling the digits test model with every stock sampler (tools/sampler_survey.py):
+# the rest keep their digit accuracy within 10 points under the paper strategy; these fell far.
+RENOISING = ("{} re-noises the whole latent every step, so a decoder run on another latent's encoder "
+             "features cannot stand in for a step")
+STOCHASTIC_HIGH_ORDER = ("{} extrapolates from several past predictions while adding fresh noise every step; "
+                         "propagated steps throw that off (test model: digit accuracy fell from 85-95% to 15-65%)")
+BYPASSED_SAMPLERS = {
+    "sample_lcm": RENOISING.format("lcm"),
+    **{f"sample_{name}": STOCHASTIC_HIGH_ORDER.format(name) for name in (
+        "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+        "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "sa_solver", "sa_solver_pece")},
+}
 
 
 def sampler_bypass_reason(sampler) -> str | None:
     fn = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-    if fn in RENOISING_SAMPLERS:
-        return (f"the {RENOISING_SAMPLERS[fn]} sampler re-noises the whole latent every step, so cached "
-                f"encoder features cannot stand in for a step: every step ran in full")
+    if fn in BYPASSED_SAMPLERS:
+        return f"the {BYPASSED_SAMPLERS[fn]}: every step ran in full"
     return None
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """Fresh per-run state in a cloned model_options; stats and cleanup in ``finally``."""
-    guider = executor.class_obj
-    orig = guider.model_options
-    config = orig["transformer_options"][KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = RunState(config, sigmas, guider.model_patcher.get_model_object("model_sampling"))
-    bypass = sampler_bypass_reason(args[2] if len(args) > 2 else kwargs.get("sampler"))
+def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options) -> tuple[RunState, dict]:
+    """A fresh RunState and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL
+    wrapper, for callers that hooked in without the Apply node)."""
+    run = RunState(config, sigmas, model_sampling)
+    run.bypass = sampler_bypass_reason(sampler)
     if run.plan.ignored:
         log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
                     run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    guider.model_options["transformer_options"][KEY] = None if bypass else run
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    to = options["transformer_options"]
+    earlier = to.get(KEY)
+    if isinstance(earlier, RunState):      # an Apply node's run: the closer (sampler) node's settings win
+        earlier.superseded = True
+    to[KEY] = None if run.bypass else run
+    wrappers = to.setdefault("wrappers", {}).setdefault(WRAP.DIFFUSION_MODEL, {})
+    wrappers.setdefault(KEY, [diffusion_model_wrapper])
+    return run, options
+
+
+def finish_run(run: RunState):
+    """Drop the run's caches; record, log and show its stats (not for a run a sampler node took over)."""
+    run.features.clear()
+    run.outputs.clear()
+    if run.superseded:
+        return
+    report = run.report()
+    if run.bypass:
+        report["bypassed"] = run.bypass
+    run.config.reports.append(report)
+    text = format_report(report)
+    (log.warning if run.bypass else log.info)(text)
+    _show_on_node(run.config.node_id, text)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """The Apply node's hook: fresh per-run state in a cloned model_options, stats in ``finally``."""
+    guider = executor.class_obj
+    orig = guider.model_options
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+    run, guider.model_options = begin_run(orig["transformer_options"][KEY], sigmas,
+                                          guider.model_patcher.get_model_object("model_sampling"), sampler, orig)
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = orig
-        report = run.report()
-        if bypass:
-            report["bypassed"] = bypass
-        run.features.clear()
-        run.outputs.clear()
-        config.reports.append(report)
-        text = format_report(report)
-        (log.warning if bypass else log.info)(text)
-        _show_on_node(config.node_id, text)
+        finish_run(run)
 
 
 def format_report(r: dict) -> str:

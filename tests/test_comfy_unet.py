@@ -297,14 +297,17 @@ def test_stock_samplers(pack, digits, sampler):
         assert rel(tm.decode(fd), tm.decode(base)) < 0.2
 
 
-def test_lcm_sampler_runs_in_full_and_says_so(pack, digits, caplog):
+@pytest.mark.parametrize("sampler,why", [("lcm", "lcm re-noises the whole latent every step"),
+                                         ("dpmpp_3m_sde", "dpmpp_3m_sde extrapolates from several past predictions")])
+def test_samplers_propagation_cannot_serve_run_in_full_and_say_so(pack, digits, caplog, sampler, why):
     model, tok = digits
     patched, config = apply(pack, model, "paper")
     with caplog.at_level(logging.WARNING):
-        fd = sample(patched, tok, sampler="lcm")
-    assert torch.equal(fd, sample(model, tok, sampler="lcm"))
-    assert "lcm sampler re-noises the whole latent every step" in config.reports[-1]["bypassed"]
-    assert any("every step ran in full" in r.getMessage() for r in caplog.records)
+        fd = sample(patched, tok, sampler=sampler)
+    assert torch.equal(fd, sample(model, tok, sampler=sampler))
+    assert why in config.reports[-1]["bypassed"]
+    assert [r.getMessage() for r in caplog.records if "every step ran in full" in r.getMessage()] == [
+        f"FasterDiffusion [paper]: {STEPS} steps; the {config.reports[-1]['bypassed'][4:]}"]
 
 
 def test_sdxl_and_vpred_models_sample(pack, digits):

@@ -1,0 +1,111 @@
+"""FasterDiffusion Sampler (a SAMPLER for SamplerCustom / SamplerCustomAdvanced) and FasterDiffusion KSampler."""
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
+from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
+from ..patches.comfy_unet import FasterDiffusionConfig
+from .apply import FasterDiffusionApply, validate_strategy
+
+CATEGORY = "sampling/faster_diffusion"
+_APPLY = FasterDiffusionApply.INPUT_TYPES()["required"]
+
+FD_INPUTS = {
+    "strategy": _APPLY["strategy"],
+    "parallel": _APPLY["parallel"],
+    "max_decoder_batch": _APPLY["max_decoder_batch"],
+    "injection_alpha": ("FLOAT", {"default": DEFAULT_ALPHA, "min": 0.0, "max": 0.1, "step": 0.001, "tooltip":
+        "Prior noise injection (paper §3.3): late steps get x += alpha * sqrt(1+sigma^2) * z_T, z_T being this "
+        "run's starting noise, which restores texture that propagation smooths. 0.003 is the paper's value; "
+        "0 turns it off. With denoise < 1, z_T is the noise added to the input latent. Not with uni_pc."}),
+    "injection_threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1000.0, "step": 1.0, "tooltip":
+        "Inject at the steps whose model timestep (999 = pure noise ... 0) is below this; 500 = the second "
+        "half of a full-denoise schedule, as in the paper."}),
+}
+SAMPLER_TOOLTIP = ("The sampler to run with FasterDiffusion. Only samplers that evaluate the model once per step "
+                   "on the schedule can batch a group's decoders ahead: " + ", ".join(SUPPORTED) + ". "
+                   "(lcm runs every step in full: it re-noises the latent each step.)")
+
+
+def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node_id):
+    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node_id)
+    return KSamplerWithFasterDiffusion(sampler_name, config, InjectionSettings(injection_alpha, injection_threshold))
+
+
+class FasterDiffusionSampler:
+    DESCRIPTION = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced that runs the chosen sampler with "
+                   "FasterDiffusion: encoder propagation with parallel decoder groups, and the paper's prior "
+                   "noise injection in the sampler's own state. Works on a plain model; on a model patched by "
+                   "FasterDiffusion Apply, this node's settings win.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The sampler, for SamplerCustom or SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"sampler_name": (SUPPORTED, {"default": "euler", "tooltip": SAMPLER_TOOLTIP}), **FD_INPUTS},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strategy=None, **_):
+        return validate_strategy(strategy)
+
+    def get_sampler(self, sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold,
+                    unique_id=None):
+        return (make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
+                             injection_threshold, unique_id),)
+
+
+class FasterDiffusionKSampler:
+    DESCRIPTION = ("KSampler with FasterDiffusion built in: the same seed, steps, scheduler and denoise "
+                   "handling as KSampler, plus encoder propagation, parallel decoder groups and prior noise "
+                   "injection. On a model patched by FasterDiffusion Apply, this node's settings win.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "The number of denoising steps."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale."}),
+            "sampler_name": (SUPPORTED, {"default": "euler", "tooltip": SAMPLER_TOOLTIP}),
+            "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"tooltip": "How the noise levels are spaced."}),
+            "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
+            "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "How much of the schedule to run; lower keeps more of the input latent."}),
+            **FD_INPUTS},
+            "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strategy=None, **_):
+        return validate_strategy(strategy)
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+               strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, unique_id=None):
+        sampler = make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
+                               injection_threshold, unique_id)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        # exactly KSampler's schedule (incl. its denoise handling and discarded penultimate sigmas)
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                             noise_mask=latent_image.get("noise_mask"),
+                                             callback=latent_preview.prepare_callback(model, steps),
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return (out,)
