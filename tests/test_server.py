@@ -57,11 +57,11 @@ def server(tmp_path_factory):
         log.close()
 
 
-def graph(strategy="paper"):
+def graph(strategy="paper", fd_ksampler=True):
     ksampler = lambda steps, seed: {"class_type": "KSampler", "inputs": {
         "model": ["2", 0], "seed": seed, "steps": steps, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
         "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "denoise": 1.0}}
-    return {
+    g = {
         "1": {"class_type": "FDTestDigitsModel", "inputs": {}},
         "2": {"class_type": "FasterDiffusionApply", "inputs": {"model": ["1", 0], "strategy": strategy,
                                                                "parallel": True, "max_decoder_batch": 32}},
@@ -71,7 +71,16 @@ def graph(strategy="paper"):
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "fd_a"}},
         "7": ksampler(12, 2),       # a second sampler on the same patched model
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "fd_b"}},
+        "9": {"class_type": "FasterDiffusionKSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 8, "cfg": 3.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+            "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "denoise": 1.0,
+            "strategy": "uniform:2", "parallel": True, "max_decoder_batch": 32, "injection_alpha": 0.003,
+            "injection_threshold": 500.0}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "fd_c"}},
     }
+    if not fd_ksampler:
+        del g["9"], g["10"]
+    return g
 
 
 def test_node_is_listed(server):
@@ -105,23 +114,27 @@ def test_prompt_over_http_with_progress_and_stats(server):
             done = m
     ws.close()
     assert done is not None and done["type"] == "execution_success", done
-    assert progress == {"5": 10, "7": 12}
+    assert progress == {"5": 10, "7": 12, "9": 8}           # per-step progress from every sampler node
     stats = sorted(t for node, t in texts if node == "2" and t.startswith("FasterDiffusion [paper]"))
     assert len(stats) == 2, texts                            # one line per sampler run, on the Apply node
     assert "10 steps, encoder ran 5x and was skipped 5x" in stats[0] and "decoder batches [2, 5]" in stats[0]
     assert "12 steps, encoder ran 6x and was skipped 6x" in stats[1] and "decoder batches [2, 5, 2]" in stats[1]
+    own = [t for node, t in texts if node == "9"]
+    assert len(own) == 1 and own[0].startswith("FasterDiffusion [uniform:2]: 8 steps, encoder ran 4x and was skipped 4x")
     for _ in range(50):                                     # /history can lag behind execution_success
         h = requests.get(f"{url}/history/{prompt_id}", timeout=10).json()
         if prompt_id in h:
             break
         time.sleep(0.2)
     assert h[prompt_id]["status"]["status_str"] == "success"
-    assert sorted(p.name for p in (base / "output").glob("fd_*.latent")) == ["fd_a_00001_.latent", "fd_b_00001_.latent"]
+    assert sorted(p.name for p in (base / "output").glob("fd_*.latent")) == ["fd_a_00001_.latent", "fd_b_00001_.latent", "fd_c_00001_.latent"]
 
 
 def test_bad_strategy_fails_validation(server):
     url, _ = server
-    r = requests.post(url + "/prompt", json={"prompt": graph("every other"), "client_id": "x"}, timeout=10)
+    # (ComfyUI queues a prompt when any output validates, so every output here depends on the bad node)
+    r = requests.post(url + "/prompt", json={"prompt": graph("every other", fd_ksampler=False), "client_id": "x"},
+                      timeout=10)
     assert r.status_code == 400
     err = json.dumps(r.json())
     assert "'every other' is neither a known name nor a step index" in err and "uniform:K" in err
