@@ -2,59 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
-import pytest
 import requests
 import websocket
-
-import testmodel as tm
-
-HERE = Path(__file__).resolve().parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / tm.PACK_DIR_NAME).symlink_to(tm.REPO, target_is_directory=True)
-    (base / "custom_nodes" / "fd_test_nodes").symlink_to(HERE / "host_nodes" / "fd_test_nodes")
-    port = free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
-         "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-api-nodes", "--disable-auto-launch"],
-        cwd=tm.comfy_dir(), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
-            try:
-                if requests.get(url + "/system_stats", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-3000:])
-        yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def graph(strategy="paper", fd_ksampler=True):

