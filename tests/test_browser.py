@@ -90,6 +90,21 @@ def test_strategy_editor_end_to_end(page):
     cells.nth(7).click()
     assert strategy_of(page, fd) == "0,1,2,3,5,7"
 
+    # copy/paste of the node keeps its strategy, and the copy gets its own editor
+    copy_id = page.evaluate("""(id) => {
+        const before = new Set(app.graph.nodes.map((n) => String(n.id)));
+        app.canvas.selectNode(app.graph.getNodeById(id));
+        app.canvas.copyToClipboard();
+        app.canvas.pasteFromClipboard();
+        return app.graph.nodes.find((n) => !before.has(String(n.id)))?.id;
+    }""", fd)
+    assert copy_id is not None and str(copy_id) != str(fd)
+    assert strategy_of(page, copy_id) == "0,1,2,3,5,7"
+    page.wait_for_function("(id) => document.querySelector(`.fd-editor[data-node-id='${id}']`)", arg=copy_id, timeout=10_000)
+    page.evaluate("(id) => app.graph.remove(app.graph.getNodeById(id))", copy_id)
+    assert page.locator(f'.fd-editor[data-node-id="{copy_id}"]').count() == 0 or \
+        not page.locator(f'.fd-editor[data-node-id="{copy_id}"]').is_visible()
+
     # a malformed shared document leaves the node unchanged, with a message
     editor.get_by_role("button", name="Paste…").click()
     editor.locator("textarea").fill('{"key_steps": [1, 2]}')
@@ -132,3 +147,54 @@ def test_strategy_editor_end_to_end(page):
     page.screenshot(path=str(shots / f"browser_editor_{variant}.png"),
                     clip={"x": max(0, box["x"] - 20), "y": max(0, box["y"] - 140), "width": box["width"] + 40,
                           "height": box["height"] + 230})
+
+
+WORKFLOWS = sorted((tm.REPO / "workflows").glob("*.json"))
+SUBSTITUTE = {"CheckpointLoaderSimple": "FDTestCheckpoint", "CLIPTextEncode": "FDTestTextEncode",
+              "VAEDecode": "FDTestVAEDecode"}
+
+
+@pytest.fixture(scope="module")
+def classic_page(server):
+    from playwright.sync_api import sync_playwright
+    url, base = server
+    requests.post(url + "/settings/Comfy.TutorialCompleted", json=True, timeout=10)
+    requests.post(url + "/settings/Comfy.VueNodes.Enabled", json=False, timeout=10)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        pg = browser.new_page(viewport={"width": 1500, "height": 900})
+        pg.goto(url)
+        pg.wait_for_function("window.app?.graph && window.__fasterDiffusionEditor === true", timeout=90_000)
+        yield pg, url, base
+        browser.close()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_loads_converts_and_runs(classic_page, path):
+    """Each shipped workflow loads in the real frontend, becomes an API prompt, and runs on the test host
+    with the test models in place of the checkpoint (CLIP and VAE swapped likewise; all else as saved)."""
+    page, url, base = classic_page
+    workflow = json.loads(path.read_text())
+    page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+    page.keyboard.press("Escape")                          # a "missing models" dialog, if any
+    prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    fd_nodes = [n for n in prompt.values() if n["class_type"].startswith("FasterDiffusion")]
+    assert fd_nodes and all(n["inputs"]["strategy"] == "paper" for n in fd_nodes)
+    saves = [k for k, n in prompt.items() if n["class_type"] == "SaveImage"]
+    for node in prompt.values():
+        node["class_type"] = SUBSTITUTE.get(node["class_type"], node["class_type"])
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)    # an 8x8 latent: the test models' size
+    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "workflow-test"}, timeout=10)
+    assert r.status_code == 200 and not r.json()["node_errors"], r.text
+    prompt_id = r.json()["prompt_id"]
+    deadline, entry = time.time() + 180, None
+    while time.time() < deadline:
+        entry = requests.get(f"{url}/history/{prompt_id}", timeout=10).json().get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    assert entry and entry["status"]["status_str"] == "success", entry and entry["status"]
+    for node_id in saves:
+        images = entry["outputs"][node_id]["images"]
+        assert images and (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()

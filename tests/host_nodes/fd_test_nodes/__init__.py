@@ -39,3 +39,67 @@ class FDTestDigitsCond:
 
 
 NODE_CLASS_MAPPINGS = {"FDTestDigitsModel": FDTestDigitsModel, "FDTestDigitsCond": FDTestDigitsCond}
+
+
+# Stand-ins for a checkpoint's model, CLIP and VAE, so the shipped example workflows run on the test host
+# with only the checkpoint swapped (tests/test_browser.py rewrites CheckpointLoaderSimple, CLIPTextEncode and
+# VAEDecode to these; every other node, FasterDiffusion's included, runs as saved).
+class _TextEncoder:
+    def __init__(self, kind, tokens=None):
+        self.kind, self.tokens = kind, tokens
+
+
+class FDTestCheckpoint:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": "v1-5-pruned-emaonly.safetensors"})}}
+
+    def load(self, ckpt_name):
+        if "xl" in ckpt_name.lower():
+            return tm.sdxl_tiny_model(), _TextEncoder("sdxl"), "sdxl"
+        model, tokens = tm.load_test_model()
+        return model, _TextEncoder("digits", tokens), "digits"
+
+
+class FDTestTextEncode:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"multiline": True})}}
+
+    def encode(self, clip, text):
+        import torch
+        seed = sum(text.encode()) % 10
+        if clip.kind == "sdxl":
+            g = torch.Generator().manual_seed(seed)
+            return ([[torch.randn(1, tm.CONTEXT_TOKENS, tm.CONTEXT_DIM, generator=g),
+                      {"pooled_output": torch.randn(1, 1280, generator=g)}]],)
+        digit = next((int(c) for c in text if c.isdigit()), seed)
+        return (tm.digit_conditioning(clip.tokens, [digit])[0],)
+
+
+class FDTestVAEDecode:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
+
+    def decode(self, samples, vae):
+        import torch
+        x = samples["samples"]
+        gray = tm.decode(x) if vae == "digits" else torch.sigmoid(x[:, 0])
+        return (gray.unsqueeze(-1).repeat(1, 1, 1, 3),)
+
+
+NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=FDTestTextEncode,
+                           FDTestVAEDecode=FDTestVAEDecode)
