@@ -79,7 +79,7 @@ def test_prompt_over_http_with_progress_and_stats(server):
             break
         time.sleep(0.2)
     assert h[prompt_id]["status"]["status_str"] == "success"
-    assert sorted(p.name for p in (base / "output").glob("fd_*.latent")) == ["fd_a_00001_.latent", "fd_b_00001_.latent", "fd_c_00001_.latent"]
+    assert sorted(p.name for p in (base / "output").glob("fd_[abc]_*.latent")) == ["fd_a_00001_.latent", "fd_b_00001_.latent", "fd_c_00001_.latent"]
 
 
 def test_bad_strategy_fails_validation(server):
