@@ -20,7 +20,7 @@ from .comfy_unet import FasterDiffusionConfig, begin_run, finish_run
 # Samplers whose model calls all land on the schedule, once per step, with the sampler's own latent
 # tensor (so the in-place injection reaches the sampler's state).
 # lcm is listed because users pair it with LCM models, but it runs every step in full (comfy_unet.BYPASSED_SAMPLERS).
-STATE_PASSING = ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "lms", "lcm"]
+STATE_PASSING = ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "lms", "lcm"]
 # On the schedule too, but they call the model on a rescaled copy of their latent: no injection.
 COPYING = ["uni_pc", "uni_pc_bh2"]
 SUPPORTED = STATE_PASSING + COPYING

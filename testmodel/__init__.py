@@ -48,6 +48,9 @@ def boot_comfy(cpu: bool = True) -> Path:
     finally:
         sys.argv = argv
     import comfy.model_management  # noqa: F401
+    # Import ComfyUI's own utils package now, as main.py does: nodes.py later puts comfy/ first on sys.path,
+    # where comfy/utils.py would shadow it (and server.py, imported by some built-in nodes, needs it).
+    import utils.install_util  # noqa: F401
     return d
 
 

