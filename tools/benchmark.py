@@ -106,7 +106,9 @@ def injection_table(steps, sampler, cfg):
     """Prior noise injection on/off on the trained digits model: 100 samples (10 per digit), the same seeds,
     fidelity to the full run and digit-classifier accuracy."""
     import numpy as np
+    import comfy.utils
     import nodes
+    comfy.utils.set_progress_bar_enabled(False)   # ComfyUI's own switch: no tqdm bars in this table
     model, tokens = tm.load_test_model()
     digits = [d for d in range(10) for _ in range(10)]
     pos, neg = tm.digit_conditioning(tokens, digits)
