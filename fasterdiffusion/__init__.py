@@ -7,7 +7,8 @@ from .strategy import (GRAMMAR, PAPER_KEYS_50, Plan, StrategyError, make_plan, p
                        predicted_cost_fraction)
 from .schedule import match_step
 from .injection import DEFAULT_ALPHA, DEFAULT_THRESHOLD, injection_scale, injection_steps
+from .calibrate import choose_keys, keys_for_cost, plan_drift
 
 __all__ = ["GRAMMAR", "PAPER_KEYS_50", "Plan", "StrategyError", "make_plan", "parse_strategy",
            "predicted_cost_fraction", "match_step", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "injection_scale",
-           "injection_steps"]
+           "injection_steps", "choose_keys", "keys_for_cost", "plan_drift"]

@@ -81,3 +81,43 @@ def test_match_step():
     assert match_step(sched, 3.1 * (1 + 1e-6)) == 2
     assert match_step(sched, 5.0) is None        # a midpoint (DPM2-type samplers)
     assert match_step(sched, 0.0) is None        # the final sigma is never a model step
+
+
+# ------------------------------------------------------------------------------------- calibration
+
+def _drift(n, seed=0):
+    """A drift matrix shaped like real ones: features change fast early, slowly late, plus noise."""
+    import random
+    rng = random.Random(seed)
+    speed = [1.0 / (1 + i) + 0.05 * rng.random() for i in range(n)]
+    cum = [sum(speed[:i]) for i in range(n)]
+    return [[(cum[j] - cum[a]) ** 2 if j > a else 0.0 for j in range(n)] for a in range(n)]
+
+
+def test_choose_keys_is_optimal_and_deterministic():
+    import itertools
+    from fasterdiffusion import choose_keys, plan_drift
+    n = 9
+    d = _drift(n, seed=3)
+    for k in range(1, n + 1):
+        keys = choose_keys(d, n, k)
+        assert keys[0] == 0 and len(keys) == k and keys == sorted(set(keys))
+        brute = min(plan_drift(d, (0,) + rest, n) for rest in itertools.combinations(range(1, n), k - 1))
+        assert abs(plan_drift(d, keys, n) - brute) < 1e-12
+        assert choose_keys(d, n, k) == keys
+    assert choose_keys(d, n, n) == list(range(n)) and plan_drift(d, range(n), n) == 0
+
+
+def test_calibrated_beats_uniform_and_paper_at_the_same_budget():
+    from fasterdiffusion import choose_keys, keys_for_cost, plan_drift, predicted_cost_fraction
+    n = 50
+    d = _drift(n)
+    paper = make_plan("paper", n)
+    cal = choose_keys(d, n, len(paper.keys))
+    assert plan_drift(d, cal, n) <= plan_drift(d, paper.keys, n)
+    for k in (2, 4, 5, 10):
+        uniform = make_plan(f"uniform:{k}", n).keys
+        assert plan_drift(d, choose_keys(d, n, len(uniform)), n) <= plan_drift(d, uniform, n)
+    keys = keys_for_cost(d, n, 0.75, 0.31)
+    cost = predicted_cost_fraction(make_plan(",".join(map(str, keys)), n), 0.31)
+    assert cost <= 0.75 and predicted_cost_fraction(make_plan(",".join(map(str, choose_keys(d, n, len(keys) + 1))), n), 0.31) > 0.75

@@ -1,0 +1,70 @@
+"""FasterDiffusion Calibrate: pick key steps for this model, prompt and sampler from one full pass."""
+from __future__ import annotations
+
+import logging
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..fasterdiffusion import choose_keys, make_plan, plan_drift
+from ..patches.comfy_calibrate import recording_model
+from ..patches.comfy_unet import _show_on_node
+
+log = logging.getLogger("FasterDiffusion")
+
+
+class FasterDiffusionCalibrate:
+    DESCRIPTION = ("Runs one full sampling pass with these settings, measures how much the UNet encoder's "
+                   "features change from step to step, and chooses the key steps that keep the decoder's "
+                   "view least stale for the given number of encoder passes. Connect its strategy output to "
+                   "a FasterDiffusion node's strategy input (convert the widget to an input), or copy the text. "
+                   "Deterministic for the same inputs.")
+    CATEGORY = "sampling/faster_diffusion"
+    RETURN_TYPES = ("STRING", "LATENT")
+    RETURN_NAMES = ("strategy", "full_run")
+    OUTPUT_TOOLTIPS = ("The calibrated key steps, as a strategy string.",
+                       "The latent of the full sampling pass it measured (the baseline to compare against).")
+    FUNCTION = "calibrate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to calibrate for."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Noise seed of the measuring pass."}),
+            "steps": ("INT", {"default": 20, "min": 2, "max": 1000, "tooltip": "Steps of the sampler you will use."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Guidance scale."}),
+            "sampler_name": (comfy.samplers.SAMPLER_NAMES, {"tooltip": "The sampler you will use."}),
+            "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"tooltip": "The scheduler you will use."}),
+            "positive": ("CONDITIONING", {"tooltip": "A representative prompt."}),
+            "negative": ("CONDITIONING", {"tooltip": "Its negative prompt."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent size you will sample at."}),
+            "key_steps": ("INT", {"default": 7, "min": 1, "max": 1000, "tooltip":
+                "Budget: how many steps run the encoder (the paper uses 9 of 50, 7 of 20)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def calibrate(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
+                  unique_id=None):
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, model_options=model.model_options).sigmas
+        recorder_model, recorder = recording_model(model, sigmas.tolist())
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        samples = comfy.sample.sample_custom(recorder_model, noise, cfg, comfy.samplers.sampler_object(sampler_name),
+                                             sigmas, positive, negative, latent,
+                                             callback=latent_preview.prepare_callback(model, steps),
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        n = len(sigmas) - 1
+        drift = recorder.drift()
+        keys = choose_keys(drift, n, key_steps)
+        strategy = ",".join(map(str, keys))
+        uniform_k = max(1, -(-n // len(keys)))
+        text = (f"FasterDiffusion calibrated {len(keys)} key steps of {n}: {strategy}; encoder drift "
+                f"{plan_drift(drift, keys, n):.3g} (uniform:{uniform_k} {plan_drift(drift, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "
+                f"paper {plan_drift(drift, make_plan('paper', n).keys, n):.3g})")
+        log.info(text)
+        _show_on_node(unique_id, text)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return strategy, out

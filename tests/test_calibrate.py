@@ -1,0 +1,50 @@
+"""FasterDiffusion Calibrate in real ComfyUI on the trained test model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import testmodel as tm
+from fasterdiffusion import make_plan, parse_strategy, plan_drift
+
+
+@pytest.fixture(scope="module")
+def calibrate(pack):
+    import nodes
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]()
+
+    def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7)):
+        pos, neg = tm.digit_conditioning(tok, list(digits))
+        latent = {"samples": torch.zeros(len(digits), 4, 8, 8)}
+        return node.calibrate(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps)
+    return run
+
+
+def test_calibration_is_deterministic_and_valid(calibrate, digits):
+    model, tok = digits
+    strategy, full = calibrate(*digits)
+    assert calibrate(*digits)[0] == strategy
+    keys = make_plan(parse_strategy(strategy), 20).keys
+    assert len(keys) == 7 and keys[0] == 0
+    assert torch.equal(full["samples"], tm.sample_digits(model, tok, [2, 7], seed=0, steps=20)), \
+        "the measuring pass is the plain full run"
+    for budget in (1, 4, 20):
+        assert len(make_plan(calibrate(*digits, key_steps=budget)[0], 20).keys) == budget
+
+
+def test_calibrated_drift_is_no_worse_than_uniform_or_paper(pack, digits):
+    import comfy.samplers
+    from importlib import import_module
+    model, tok = digits
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 20)
+    recorder_model, recorder = cal.recording_model(model, sigmas.tolist())
+    tm.sample_digits(recorder_model, tok, [2, 7], seed=0, steps=20)
+    drift = recorder.drift()
+    from fasterdiffusion import choose_keys
+    for k in (4, 5, 7, 10):
+        uniform = make_plan(f"uniform:{-(-20 // k)}", 20).keys
+        chosen = choose_keys(drift, 20, len(uniform))
+        assert plan_drift(drift, chosen, 20) <= plan_drift(drift, uniform, 20)
+    paper = make_plan("paper", 20).keys
+    assert plan_drift(drift, choose_keys(drift, 20, len(paper)), 20) <= plan_drift(drift, paper, 20)
