@@ -8,7 +8,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..fasterdiffusion import choose_keys, make_plan, plan_drift
+from ..fasterdiffusion import choose_keys, keys_for_cost, make_plan, plan_drift
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import _show_on_node
 
@@ -42,10 +42,13 @@ class FasterDiffusionCalibrate:
             "latent_image": ("LATENT", {"tooltip": "The latent size you will sample at."}),
             "key_steps": ("INT", {"default": 7, "min": 1, "max": 1000, "tooltip":
                 "Budget: how many steps run the encoder (the paper uses 9 of 50, 7 of 20)."}),
+            "target_cost": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Budget as predicted UNet FLOPs relative to running every step in full (e.g. 0.8); when above "
+                "0 it replaces key_steps. Uses the encoder's FLOP share measured on this model."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def calibrate(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
-                  unique_id=None):
+                  target_cost=0.0, unique_id=None):
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, model_options=model.model_options).sigmas
         recorder_model, recorder = recording_model(model, sigmas.tolist())
@@ -57,7 +60,8 @@ class FasterDiffusionCalibrate:
                                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         n = len(sigmas) - 1
         drift = recorder.drift()
-        keys = choose_keys(drift, n, key_steps)
+        keys = (keys_for_cost(drift, n, target_cost, recorder.encoder_share) if target_cost > 0
+                else choose_keys(drift, n, key_steps))
         strategy = ",".join(map(str, keys))
         uniform_k = max(1, -(-n // len(keys)))
         text = (f"FasterDiffusion calibrated {len(keys)} key steps of {n}: {strategy}; encoder drift "

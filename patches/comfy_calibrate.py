@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-import comfy.patcher_extension
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..fasterdiffusion import match_step
 from .comfy_unet import WRAP, embed_time, run_decoder, run_encoder
@@ -21,7 +20,8 @@ POOL = 16   # features are average-pooled to at most 16x16 per channel: enough t
 class FeatureRecorder:
     def __init__(self, schedule):
         self.schedule = schedule
-        self.steps: dict[int, list[torch.Tensor]] = {}
+        self.steps: dict[int, dict[tuple, list[torch.Tensor]]] = {}   # step -> cond chunks -> pooled features
+        self.encoder_share = None     # encoder+middle share of the UNet's FLOPs, counted on the first call
 
     def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         unet = executor.class_obj
@@ -29,14 +29,24 @@ class FeatureRecorder:
         if type(unet) is not UNetModel or step is None:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         emb = embed_time(unet, timesteps, y, x.dtype, transformer_options)
-        feats = run_encoder(unet, x, emb, context, control, transformer_options, kwargs)
-        pooled = [_pool(t) for t in feats.hs + [feats.mid]]
-        known = self.steps.get(step)
-        if known is None:
-            self.steps[step] = pooled
-        elif len(known) == len(pooled):           # a second call of the step (cond / uncond split): stack rows
-            self.steps[step] = [torch.cat([a, b]) for a, b in zip(known, pooled)]
-        return run_decoder(unet, feats, emb, context, control, transformer_options, kwargs)
+        if self.encoder_share is not None:
+            feats = run_encoder(unet, x, emb, context, control, transformer_options, kwargs)
+            self._record(step, transformer_options, feats)
+            return run_decoder(unet, feats, emb, context, control, transformer_options, kwargs)
+        with FlopCounterMode(display=False) as enc:           # first call: also count the encoder's share
+            feats = run_encoder(unet, x, emb, context, control, transformer_options, kwargs)
+        self._record(step, transformer_options, feats)
+        with FlopCounterMode(display=False) as dec:
+            out = run_decoder(unet, feats, emb, context, control, transformer_options, kwargs)
+        total = enc.get_total_flops() + dec.get_total_flops()
+        self.encoder_share = enc.get_total_flops() / total if total else 0.31
+        return out
+
+    def _record(self, step, to, feats):
+        # per cond chunk: cond and uncond may come in separate calls; a second call of the same chunk at the
+        # same step (a Heun-type corrector lands on the next step first) is replaced by the later one
+        chunk = (tuple(map(str, to.get("uuids", ()))), tuple(to.get("cond_or_uncond", ())))
+        self.steps.setdefault(step, {})[chunk] = [_pool(t) for t in feats.hs + [feats.mid]]
 
     def drift(self) -> list[list[float]]:
         """drift[a][j]: mean over feature tensors of |f_j - f_a|^2 / |f_j|^2 (0 on and below the diagonal)."""
@@ -44,7 +54,8 @@ class FeatureRecorder:
         missing = [i for i in range(n) if i not in self.steps]
         if missing:
             raise RuntimeError(f"calibration saw no model call at steps {missing}: the sampler skipped them")
-        feats = [self.steps[i] for i in range(n)]
+        feats = [[torch.cat(parts) for parts in zip(*(self.steps[i][c] for c in sorted(self.steps[i])))]
+                 for i in range(n)]
         out = [[0.0] * n for _ in range(n)]
         for j in range(n):
             norms = [float((t ** 2).sum()) + 1e-12 for t in feats[j]]

@@ -13,10 +13,10 @@ def calibrate(pack):
     import nodes
     node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]()
 
-    def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7)):
+    def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7), target_cost=0.0):
         pos, neg = tm.digit_conditioning(tok, list(digits))
         latent = {"samples": torch.zeros(len(digits), 4, 8, 8)}
-        return node.calibrate(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps)
+        return node.calibrate(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps, target_cost)
     return run
 
 
@@ -30,6 +30,10 @@ def test_calibration_is_deterministic_and_valid(calibrate, digits):
         "the measuring pass is the plain full run"
     for budget in (1, 4, 20):
         assert len(make_plan(calibrate(*digits, key_steps=budget)[0], 20).keys) == budget
+    # a FLOP budget: the encoder is 27.4 % of this UNet's FLOPs, so 0.8 allows 5 of 20 key steps
+    from fasterdiffusion import predicted_cost_fraction
+    plan = make_plan(calibrate(*digits, target_cost=0.8)[0], 20)
+    assert len(plan.keys) == 5 and predicted_cost_fraction(plan, 0.274) <= 0.8
 
 
 def test_calibrated_drift_is_no_worse_than_uniform_or_paper(pack, digits):
@@ -48,3 +52,9 @@ def test_calibrated_drift_is_no_worse_than_uniform_or_paper(pack, digits):
         assert plan_drift(drift, chosen, 20) <= plan_drift(drift, uniform, 20)
     paper = make_plan("paper", 20).keys
     assert plan_drift(drift, choose_keys(drift, 20, len(paper)), 20) <= plan_drift(drift, paper, 20)
+
+
+def test_calibration_with_a_heun_type_sampler(calibrate, digits):
+    """Heun's corrector evaluates the next step before the step itself: the later call's features count."""
+    strategy, _ = calibrate(*digits, sampler="heun", key_steps=6)
+    assert len(make_plan(strategy, 20).keys) == 6

@@ -51,7 +51,7 @@ sed -i 's/^@torch.library.register_fake("torchvision::\(q\?nms\)")/@(torch.libra
 grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" > "$HOST/req-notorch.txt"
 "$P" -m pip install -q -r "$HOST/req-notorch.txt" -c "$HOST/constraints.txt"
 # test tools: pytest, HTTP/websocket client, the digits dataset and classifier for the test model
-"$P" -m pip install -q requests websocket-client pytest scikit-learn -c "$HOST/constraints.txt"
+"$P" -m pip install -q requests websocket-client pytest scikit-learn matplotlib -c "$HOST/constraints.txt"
 "$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
 
 if [[ $BROWSER == 1 ]]; then
