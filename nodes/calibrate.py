@@ -10,7 +10,7 @@ import latent_preview
 
 from ..fasterdiffusion import choose_keys, keys_for_cost, make_plan, plan_drift
 from ..patches.comfy_calibrate import recording_model
-from ..patches.comfy_unet import _show_on_node
+from ..patches.comfy_unet import show_on_node
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -68,7 +68,7 @@ class FasterDiffusionCalibrate:
                 f"{plan_drift(drift, keys, n):.3g} (uniform:{uniform_k} {plan_drift(drift, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "
                 f"paper {plan_drift(drift, make_plan('paper', n).keys, n):.3g})")
         log.info(text)
-        _show_on_node(unique_id, text)
+        show_on_node(unique_id, text)
         out = latent_image.copy()
         out["samples"] = samples
         return strategy, out

@@ -308,7 +308,7 @@ def finish_run(run: RunState):
     run.config.reports.append(report)
     text = format_report(report)
     (log.warning if run.bypass else log.info)(text)
-    _show_on_node(run.config.node_id, text)
+    show_on_node(run.config.node_id, text)
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -342,7 +342,7 @@ def format_report(r: dict) -> str:
     return text
 
 
-def _show_on_node(node_id, text):
+def show_on_node(node_id, text):
     if node_id is None:
         return
     try:
