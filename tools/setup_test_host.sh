@@ -50,8 +50,10 @@ sed -i 's/^@torch.library.register_fake("torchvision::\(q\?nms\)")/@(torch.libra
     "$SP/torchvision/_meta_registrations.py"
 grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" > "$HOST/req-notorch.txt"
 "$P" -m pip install -q -r "$HOST/req-notorch.txt" -c "$HOST/constraints.txt"
-# test tools: pytest, HTTP/websocket client, the digits dataset and classifier for the test model
-"$P" -m pip install -q requests websocket-client pytest scikit-learn matplotlib -c "$HOST/constraints.txt"
+# test tools: pytest + Hypothesis, HTTP/websocket client, the digits dataset and classifier for the test model
+"$P" -m pip install -q requests websocket-client pytest hypothesis==6.170.15 scikit-learn matplotlib -c "$HOST/constraints.txt"
+# the diffusers host (optional extra of the package; tests build tiny pipelines from configs, no downloads)
+"$P" -m pip install -q diffusers==0.42.1 transformers==5.23.0 -c "$HOST/constraints.txt"
 "$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
 
 if [[ $BROWSER == 1 ]]; then
