@@ -6,6 +6,8 @@ Indices are 0-based positions in the sampler's schedule; step 0 is always a key 
 """
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 
 # The paper's default (utils_sd.py "50ls"): paper notation {50,49,48,47,45,40,35,25,15}.
@@ -17,14 +19,28 @@ GRAMMAR = """strategy grammar:
                with steps 0-3 kept
   uniform:K    every K-th step is a key step (0, K, 2K, ...); K >= 1; uniform:4 suits community models
   all          every step is a key step: exactly the unpatched model
-  0,1,2,3,5,10 an explicit list of 0-based key steps; must contain 0; steps past the run's end are ignored"""
+  0,1,2,3,5,10 an explicit list of 0-based key steps; must contain 0; steps past the run's end are ignored
+numbers are written with the digits 0-9 and go up to 100000"""
+
+
+MAX_STEP = 100_000     # no sampler runs this many steps: a larger index or K is a typo, refused
+ECHO_CHARS = 60        # error messages quote at most this much of the input
+_SPACE = " \t\n\r\f\v"  # ASCII whitespace only: the editor's JavaScript must read every string the same way
+_UNIFORM = re.compile(r"uniform[ \t\n\r\f\v]*:[ \t\n\r\f\v]*([0-9]+)")
+_INDEX = re.compile(r"[0-9]+")
+_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def shorten(text: str) -> str:
+    """``text`` cut to ECHO_CHARS characters (with an ellipsis), for quoting in a message."""
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
 
 
 class StrategyError(ValueError):
     """A strategy string that cannot be parsed; the message names the problem and shows the grammar."""
 
     def __init__(self, text: str, problem: str):
-        super().__init__(f"invalid FasterDiffusion strategy {text!r}: {problem}\n{GRAMMAR}")
+        super().__init__(f"invalid FasterDiffusion strategy {shorten(text)!r}: {problem}\n{GRAMMAR}")
         self.problem = problem
 
 
@@ -43,27 +59,38 @@ class Strategy:
 
 
 def parse_strategy(text: str) -> Strategy:
+    """The Strategy a user string names (ASCII only: names, digits and whitespace); StrategyError if none."""
     if not isinstance(text, str):
         raise StrategyError(repr(text), "expected a string")
-    s = text.strip().lower()
+    s = text.strip(_SPACE).translate(_LOWER)
     if s in ("paper", "all"):
         return Strategy(s)
     if s.startswith("uniform"):
-        _, sep, arg = s.partition(":")
-        if not sep or not arg.strip().isdigit():
+        m = _UNIFORM.fullmatch(s)
+        if not m:
             raise StrategyError(text, "uniform needs a whole number, e.g. uniform:4")
-        k = int(arg)
+        k = _index(text, m.group(1), f"uniform:K needs K <= {MAX_STEP}")
         if k < 1:
             raise StrategyError(text, "uniform:K needs K >= 1")
         return Strategy("uniform", every=k)
-    parts = [p.strip() for p in s.replace(";", ",").split(",")]
-    if not s or not all(p.isdigit() for p in parts):
-        bad = next((p for p in parts if not p.isdigit()), s)
-        raise StrategyError(text, f"{bad!r} is neither a known name nor a step index")
-    steps = sorted(set(int(p) for p in parts))
+    steps = set()
+    for part in s.replace(";", ",").split(","):
+        part = part.strip(_SPACE)
+        if not _INDEX.fullmatch(part):
+            raise StrategyError(text, f"'{shorten(part)}' is neither a known name nor a step index")
+        steps.add(_index(text, part, f"step '{shorten(part)}' is beyond any real step count (at most {MAX_STEP})"))
+    steps = sorted(steps)
     if steps[0] != 0:
         raise StrategyError(text, "step 0 must be a key step: nothing is cached before it")
     return Strategy("list", steps=tuple(steps))
+
+
+def _index(text: str, digits: str, too_big: str) -> int:
+    """ASCII ``digits`` as an int up to MAX_STEP; the length is checked before int() (no integer-string limit)."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(MAX_STEP)) or int(significant) > MAX_STEP:
+        raise StrategyError(text, too_big)
+    return int(significant)
 
 
 def key_steps(strategy: Strategy, num_steps: int) -> list[int]:

@@ -121,3 +121,37 @@ def test_calibrated_beats_uniform_and_paper_at_the_same_budget():
     keys = keys_for_cost(d, n, 0.75, 0.31)
     cost = predicted_cost_fraction(make_plan(",".join(map(str, keys)), n), 0.31)
     assert cost <= 0.75 and predicted_cost_fraction(make_plan(",".join(map(str, choose_keys(d, n, len(keys) + 1))), n), 0.31) > 0.75
+
+
+# ------------------------------------------------------------------------------------- hostile strings
+
+@pytest.mark.parametrize("bad", ["0,²", "uniform:²", "0,١", "uniform:٣", "0,1\u00a0", "0,+1", "0,1_0", "uniformly:3"])
+def test_only_ascii_digits_and_whitespace(bad):
+    """str.isdigit accepts '²' and Arabic-Indic digits: they must give the grammar, not a crash in int()."""
+    with pytest.raises(StrategyError) as e:
+        parse_strategy(bad)
+    assert "invalid FasterDiffusion strategy" in str(e.value) and GRAMMAR in str(e.value)
+
+
+def test_error_messages_echo_a_shortened_input():
+    long = "0," + "x" * 20000
+    with pytest.raises(StrategyError) as e:
+        parse_strategy(long)
+    message = str(e.value)
+    assert len(message) < len(GRAMMAR) + 300, "the echoed input is cut"
+    assert "…" in message and GRAMMAR in message
+
+
+@pytest.mark.parametrize("text", ["0," + "9" * 5000, "uniform:" + "9" * 5000, "0,100001", "uniform:100001"])
+def test_huge_indices_are_a_strategy_error(text):
+    """Beyond any real step count; 5000 digits would hit Python's integer-string limit in int()."""
+    with pytest.raises(StrategyError) as e:
+        parse_strategy(text)
+    assert "100000" in e.value.problem and len(str(e.value)) < len(GRAMMAR) + 300
+
+
+def test_indices_up_to_the_bound_and_leading_zeros_are_fine():
+    assert parse_strategy("0,100000").steps == (0, 100000)
+    assert parse_strategy("0,000000000000000000007").steps == (0, 7)
+    assert parse_strategy("uniform:0004").every == 4
+    assert parse_strategy("UNIFORM : 4").every == 4 and parse_strategy("\t0 ;1\n").steps == (0, 1)

@@ -9,7 +9,11 @@ from fasterdiffusion import StrategyError, make_plan, parse_strategy
 
 CASES = [(s, n) for s in ("paper", "all", "uniform:1", "uniform:3", "uniform:4", "0,1,2,3,5,10", "0,7,30,60")
          for n in (1, 2, 4, 10, 20, 25, 49, 50, 51, 75, 100, 151)]
-BAD = ["", "fast", "uniform", "uniform:0", "1,2,3", "0,-1", "0,1.5"]
+BAD = ["", "fast", "uniform", "uniform:0", "1,2,3", "0,-1", "0,1.5",
+       # hostile: non-ASCII digits and spaces, names with a suffix, huge numbers, very long input
+       "0,²", "uniform:²", "0,١", "0,1\u00a0", "0,1\ufeff", "uniformly:3", "0,100001", "uniform:100001",
+       "0," + "9" * 5000, "0," + "x" * 20000]
+GOOD = ["UNIFORM : 4", "\t0 ;1\n", "0,000000000000000000007", "0,100000", "uniform:100000"]
 
 
 def run_js(tmp_path, body):
@@ -36,6 +40,12 @@ def test_bad_strings_are_refused_by_both(tmp_path):
         with pytest.raises(StrategyError) as e:
             parse_strategy(text)
         assert message is not None and message == e.value.problem, text
+
+
+def test_edge_strings_read_the_same_in_both(tmp_path):
+    js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(GOOD)}.map((t) => s.keySteps(t, 8))));")
+    for text, keys in zip(GOOD, js):
+        assert tuple(keys) == make_plan(text, 8).keys, text
 
 
 def test_shared_documents_round_trip_and_malformed_ones_are_refused(tmp_path):

@@ -10,22 +10,45 @@ export const ENCODER_FLOP_SHARE = 0.31;   // SD1.5: encoder + middle = 31 % of U
 
 export class StrategyError extends Error {}
 
+// The same reading as Python's parse_strategy, character for character: ASCII whitespace, ASCII case,
+// digits 0-9 only, numbers up to MAX_STEP, and at most ECHO_CHARS of the input quoted in a message.
+export const MAX_STEP = 100000;
+const ECHO_CHARS = 60;
+const SPACE = "[ \\t\\n\\r\\f\\v]";
+const TRIM = new RegExp(`^${SPACE}+|${SPACE}+$`, "g");
+const UNIFORM = new RegExp(`^uniform${SPACE}*:${SPACE}*([0-9]+)$`);
+const INDEX = /^[0-9]+$/;
+
+export function shorten(text) {
+  const chars = Array.from(text);   // code points, as Python counts
+  return chars.length <= ECHO_CHARS ? text : chars.slice(0, ECHO_CHARS).join("") + "…";
+}
+
+function index(digits, tooBig) {
+  const significant = digits.replace(/^0+/, "") || "0";
+  if (significant.length > String(MAX_STEP).length || Number(significant) > MAX_STEP) throw new StrategyError(tooBig);
+  return Number(significant);
+}
+
 export function parseStrategy(text) {
-  const s = String(text ?? "").trim().toLowerCase();
+  const s = String(text ?? "").replace(TRIM, "").replace(/[A-Z]+/g, (m) => m.toLowerCase());
   if (s === "paper" || s === "all") return { kind: s };
   if (s.startsWith("uniform")) {
-    const m = /^uniform:(\d+)$/.exec(s.replace(/\s+/g, ""));
+    const m = UNIFORM.exec(s);
     if (!m) throw new StrategyError("uniform needs a whole number, e.g. uniform:4");
-    const k = parseInt(m[1], 10);
+    const k = index(m[1], `uniform:K needs K <= ${MAX_STEP}`);
     if (k < 1) throw new StrategyError("uniform:K needs K >= 1");
     return { kind: "uniform", every: k };
   }
-  const parts = s.replace(/;/g, ",").split(",").map((p) => p.trim());
-  const bad = parts.find((p) => !/^\d+$/.test(p));
-  if (!s || bad !== undefined) throw new StrategyError(`'${bad ?? s}' is neither a known name nor a step index`);
-  const steps = [...new Set(parts.map((p) => parseInt(p, 10)))].sort((a, b) => a - b);
-  if (steps[0] !== 0) throw new StrategyError("step 0 must be a key step: nothing is cached before it");
-  return { kind: "list", steps };
+  const steps = new Set();
+  for (const raw of s.replace(/;/g, ",").split(",")) {
+    const part = raw.replace(TRIM, "");
+    if (!INDEX.test(part)) throw new StrategyError(`'${shorten(part)}' is neither a known name nor a step index`);
+    steps.add(index(part, `step '${shorten(part)}' is beyond any real step count (at most ${MAX_STEP})`));
+  }
+  const sorted = [...steps].sort((a, b) => a - b);
+  if (sorted[0] !== 0) throw new StrategyError("step 0 must be a key step: nothing is cached before it");
+  return { kind: "list", steps: sorted };
 }
 
 export function keySteps(strategy, n) {
