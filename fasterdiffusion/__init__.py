@@ -1,7 +1,9 @@
-"""FasterDiffusion engine: host-free planning for encoder propagation (arXiv 2312.09608).
+"""FasterDiffusion engine: encoder propagation and parallel decoders (arXiv 2312.09608), for every host.
 
-Nothing in this package imports a host (ComfyUI, A1111, Forge, diffusers); host adapters live in
-``patches/`` and call into it.  Only the standard library is needed here.
+Planning (``strategy``, ``calibrate``, ``schedule``, ``samplers``) is plain Python; the method itself
+(``runtime``: one run's state and the per-call decision; ``injection``; ``drift``) works on torch tensors
+through a small UNet-adapter protocol.  Nothing in this package imports a host: the ComfyUI adapter lives
+in ``patches/``, the diffusers one in ``fasterdiffusion.diffusers`` (imported only when asked for).
 """
 from .strategy import (GRAMMAR, PAPER_KEYS_50, Plan, StrategyError, make_plan, parse_strategy,
                        predicted_cost_fraction)

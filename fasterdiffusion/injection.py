@@ -8,7 +8,9 @@ with z_T the unit-variance noise the run started from.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
+
+from .schedule import match_step
 
 DEFAULT_ALPHA = 0.003
 DEFAULT_THRESHOLD = 500.0
@@ -23,3 +25,28 @@ def injection_steps(timesteps: Sequence[float], threshold: float = DEFAULT_THRES
 def injection_scale(alpha: float, sigma: float) -> float:
     """The multiple of z_T added to the sigma-space latent at ``sigma``."""
     return alpha * math.sqrt(1.0 + sigma * sigma)
+
+
+class Injector:
+    """One run's injection, applied after the model call of each injected step, in the sampler's own
+    latent ``x`` (before its update: the paper's parallel pipeline).
+
+    ``denoised_shift(sigma, dx)``: how the host's denoised prediction moves when the model input moves
+    by ``dx`` with the model output held (``dx`` for eps models; ComfyUI's
+    ``model_sampling.calculate_denoised(sigma, 0, dx)`` in general)."""
+
+    def __init__(self, sigmas: Sequence[float], timesteps: Sequence[float], z_T, alpha: float,
+                 threshold: float, denoised_shift: Callable):
+        self.sigmas, self.alpha, self.z_T, self.denoised_shift = list(sigmas), alpha, z_T, denoised_shift
+        self.steps = injection_steps(timesteps, threshold)
+        self.done: set[int] = set()
+
+    def after_call(self, x, sigma, denoised):
+        """``sigma``: the call's per-row sigma tensor; returns the prediction for the injected latent."""
+        step = match_step(self.sigmas, float(sigma.flatten()[0]))
+        if step is None or step in self.done or step not in self.steps:
+            return denoised
+        self.done.add(step)
+        inj = self.z_T.to(x) * injection_scale(self.alpha, self.sigmas[step])
+        x.add_(inj)
+        return denoised + self.denoised_shift(sigma, inj)

@@ -1,12 +1,10 @@
 """ComfyUI glue for the FasterDiffusion sampler nodes: a SAMPLER that owns the run.
 
 It wraps one of ComfyUI's own samplers and adds, per run:
-  * encoder propagation with parallel decoder groups (the engine of ``comfy_unet``, hooked into this
-    run's model_options only, so it works on a plain MODEL and takes over from an Apply node);
-  * prior noise injection, exact in the sampler's own state: after the model call of every step with
-    model timestep < threshold, the sampler's latent gets x += alpha * sqrt(1 + sigma^2) * z_T in place,
-    and the returned prediction is the one the model output gives for that latent (the paper's parallel
-    pipeline: injection before each update; the key step's encoder saw the latent without it).
+  * encoder propagation with parallel decoder groups (the engine's ``Run``, hooked into this run's
+    model_options only, so it works on a plain MODEL and takes over from an Apply node);
+  * prior noise injection (``fasterdiffusion.injection.Injector``), exact in the sampler's own state.
+On a model class the engine cannot serve it is exactly the plain sampler, with one log line.
 """
 from __future__ import annotations
 
@@ -14,16 +12,13 @@ import torch
 
 import comfy.samplers
 
-from ..fasterdiffusion import injection_scale, injection_steps, match_step
-from .comfy_unet import FasterDiffusionConfig, begin_run, finish_run
+from ..fasterdiffusion.injection import Injector
+from ..fasterdiffusion.samplers import COPYING, STATE_PASSING
+from ..fasterdiffusion.runtime import Run
+from .comfy_ldm import unsupported_reason
+from .comfy_unet import FasterDiffusionConfig, OwnsRun, begin_run, finish_run, log
 
-# Samplers whose model calls all land on the schedule, once per step, with the sampler's own latent
-# tensor (so the in-place injection reaches the sampler's state).
-# lcm is listed because users pair it with LCM models, but it runs every step in full (comfy_unet.BYPASSED_SAMPLERS).
-STATE_PASSING = ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "lms", "lcm"]
-# On the schedule too, but they call the model on a rescaled copy of their latent: no injection.
-COPYING = ["uni_pc", "uni_pc_bh2"]
-SUPPORTED = STATE_PASSING + COPYING
+SUPPORTED = list(STATE_PASSING + COPYING)
 
 
 class InjectionSettings:
@@ -43,7 +38,7 @@ def check_sampler(sampler_name: str, alpha: float):
                          f"one of: {', '.join(STATE_PASSING)}.")
 
 
-class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER):
+class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
     """A ComfyUI SAMPLER: ``base`` (a KSAMPLER from comfy.samplers.sampler_object) run with FasterDiffusion."""
 
     def __init__(self, sampler_name: str, config: FasterDiffusionConfig, injection: InjectionSettings):
@@ -54,56 +49,51 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        plain = comfy.samplers.KSAMPLER(self.sampler_function, self.extra_options, self.inpaint_options)
         model_sampling = model_wrap.inner_model.model_sampling
+        reason = unsupported_reason(model_wrap.inner_model.diffusion_model)
+        if reason:   # exactly the plain sampler: no propagation, no injection
+            log.warning("FasterDiffusion: passing the model through unchanged: %s", reason)
+            run = Run(self.config.run_config, sigmas.flatten().tolist(), [], bypass=f"model not served: {reason}")
+            try:
+                return plain.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                                    disable_pbar)
+            finally:
+                finish_run(run, self.config)
         run, options = begin_run(self.config, sigmas, model_sampling, self, extra_args["model_options"])
         extra_args = dict(extra_args, model_options=options)
-        fn = self.sampler_function
-        if self.injection.alpha > 0:
-            injector = Injector(run.schedule, model_sampling, noise, denoise_mask, self.injection)
-            run.stats["injected_steps"] = injector.steps
-            fn = injector.wrap(fn)
+        injector = None
+        if self.injection.alpha > 0 and not run.bypass:
+            timesteps = model_sampling.timestep(torch.tensor(run.sigmas, dtype=torch.float32)).tolist()
+            z_T = noise if denoise_mask is None else noise * denoise_mask   # inpainting: only where it samples
+            injector = Injector(run.sigmas, timesteps, z_T, self.injection.alpha, self.injection.threshold,
+                                lambda sigma, dx: model_sampling.calculate_denoised(sigma, torch.zeros_like(dx), dx))
+            run.stats.injected_steps = injector.steps
+        fn = _with_run_model(self.sampler_function, run, injector)
         try:   # a fresh KSAMPLER per run: nothing of this run is left on the node's sampler object
             return comfy.samplers.KSAMPLER(fn, self.extra_options, self.inpaint_options).sample(
                 model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         finally:
-            finish_run(run)
+            finish_run(run, self.config)
 
 
-class Injector:
-    """Per-run prior noise injection around the k-diffusion model function."""
-
-    def __init__(self, schedule, model_sampling, noise, denoise_mask, settings: InjectionSettings):
-        timesteps = model_sampling.timestep(torch.tensor(schedule, dtype=torch.float32)).tolist()
-        self.schedule, self.model_sampling, self.alpha = schedule, model_sampling, settings.alpha
-        self.steps = injection_steps(timesteps, settings.threshold)
-        self.z_T = noise if denoise_mask is None else noise * denoise_mask   # inpainting: only where it samples
-        self.done: set[int] = set()
-
-    def wrap(self, sampler_function):
-        def sampler_with_injection(model, x, sigmas, *args, **kwargs):
-            return sampler_function(_InjectingModel(model, self), x, sigmas, *args, **kwargs)
-        return sampler_with_injection
-
-    def after_call(self, x, sigma, denoised):
-        step = match_step(self.schedule, float(sigma.flatten()[0]))
-        if step is None or step in self.done or step not in self.steps:
-            return denoised
-        self.done.add(step)
-        inj = self.z_T.to(x) * injection_scale(self.alpha, self.schedule[step])
-        x.add_(inj)                                  # the sampler's own latent: before its update
-        # what the same model output predicts for the injected latent (exactly denoised + inj for eps models)
-        return denoised + self.model_sampling.calculate_denoised(sigma, torch.zeros_like(inj), inj)
+def _with_run_model(sampler_function, run, injector):
+    def sampler_with_faster_diffusion(model, x, sigmas, *args, **kwargs):
+        return sampler_function(_RunModel(model, run, injector), x, sigmas, *args, **kwargs)
+    return sampler_with_faster_diffusion
 
 
-class _InjectingModel:
-    """The k-diffusion model function with injection after each on-schedule call; other attributes
-    (``inner_model`` and so on, which some samplers read) pass through."""
+class _RunModel:
+    """The k-diffusion model function of one run: marks where each evaluation starts, and injects after
+    each on-schedule call; other attributes (``inner_model`` and so on, which samplers read) pass through."""
 
-    def __init__(self, model, injector: Injector):
-        self._model, self._injector = model, injector
+    def __init__(self, model, run: Run, injector: Injector | None):
+        self._model, self._run, self._injector = model, run, injector
 
     def __call__(self, x, sigma, **kwargs):
-        return self._injector.after_call(x, sigma, self._model(x, sigma, **kwargs))
+        self._run.begin_evaluation()
+        denoised = self._model(x, sigma, **kwargs)
+        return denoised if self._injector is None else self._injector.after_call(x, sigma, denoised)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

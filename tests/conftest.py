@@ -33,8 +33,11 @@ def comfy():
 def pack(comfy, tmp_path_factory):
     """The pack as ComfyUI loads it: custom_nodes/<pack> -> this checkout, via nodes.load_custom_node."""
     import nodes
+    from importlib import import_module
     apply_cls, comfy_unet = tm.load_pack(tmp_path_factory.mktemp("custom_nodes"))
-    return SimpleNamespace(Apply=apply_cls, cu=comfy_unet,
+    package = comfy_unet.__name__.rsplit(".", 2)[0]
+    return SimpleNamespace(Apply=apply_cls, cu=comfy_unet, ldm=import_module(package + ".patches.comfy_ldm"),
+                           runtime=import_module(package + ".fasterdiffusion.runtime"),
                            display=nodes.NODE_DISPLAY_NAME_MAPPINGS["FasterDiffusionApply"])
 
 

@@ -81,29 +81,32 @@ def test_all_steps_key_and_bypass_are_bit_identical(pack, digits):
 
 @pytest.mark.parametrize("which", ["digits", "sdxl", "vpred"])
 def test_decoder_on_fresh_features_equals_host_forward(pack, digits, which):
-    cu = pack.cu
+    ldm, rt = pack.ldm, pack.runtime
     model = {"digits": lambda: digits[0], "sdxl": tm.sdxl_tiny_model, "vpred": tm.vpred_tiny_model}[which]()
     unet = model.model.diffusion_model
+    adapter = ldm.LdmUNetAdapter(unet)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([700.0, 700.0])
     ctx = torch.randn(2, tm.CONTEXT_TOKENS, tm.CONTEXT_DIM, generator=g)
     y = torch.randn(2, 2816, generator=g) if which == "sdxl" else None
+    call = lambda t: ldm.make_call(x, t, ctx, y, None, {"sigmas": t}, {})
     with torch.no_grad():
         ref = unet(x, t, ctx, y, None, {})
-        to = {}
-        emb = cu.embed_time(unet, t, y, x.dtype, to)
-        feats = cu.run_encoder(unet, x, emb, ctx, None, to, {})
-        out = cu.run_decoder(unet, feats, emb, ctx, None, to, {})
+        c = call(t)
+        emb = adapter.embed(c)
+        feats = adapter.encode(c, emb)
+        out = adapter.decode(c, feats, emb)
         assert torch.equal(out, ref)
         # the decoder at another timestep differs (it really uses the step's own embedding) ...
         t2 = torch.tensor([300.0, 300.0])
-        other = cu.run_decoder(unet, feats, cu.embed_time(unet, t2, y, x.dtype, {}), ctx, None, {}, {})
+        c2 = call(t2)
+        other = adapter.decode(c2, feats, adapter.embed(c2))
         assert rel(other, ref) > 1e-3
         # ... and batched over steps equals one call per step
-        outs, widths = cu.run_decoder_batch(unet, feats, [(t, t), (t2, t2)], ctx, y, {}, {}, max_rows=0)
+        outs, widths = rt.decode_steps(adapter, c, feats, [(t, t), (t2, t2)], max_rows=0)
         assert widths == [2] and rel(outs[0], ref) < 1e-5 and rel(outs[1], other) < 1e-5
-        assert torch.equal(feats.mid, cu.run_encoder(unet, x, emb, ctx, None, {}, {}).mid), "features untouched"
+        assert torch.equal(feats.mid, adapter.encode(call(t), emb).mid), "features untouched"
 
 
 def test_key_steps_are_exact_and_non_key_steps_cached(pack, digits):

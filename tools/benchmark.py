@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib import import_module
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,6 +58,11 @@ def build(name, device, dtype):
     return model, pos, neg, None, 1
 
 
+def _ldm(cu):
+    """The pack's ldm adapter module, beside its comfy_unet module ``cu``."""
+    return import_module(cu.__name__.rsplit(".", 1)[0] + ".comfy_ldm")
+
+
 def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
     """Encoder+bottleneck fraction of one full forward's FLOPs, counted on this UNet at this shape."""
     import torch
@@ -69,7 +75,10 @@ def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
         with FlopCounterMode(display=False) as full:
             unet(x, t, ctx, y, None, {})
         with FlopCounterMode(display=False) as enc:
-            cu.run_encoder(unet, x, cu.embed_time(unet, t, y, dtype, {}), ctx, None, {}, {})
+            ldm = _ldm(cu)
+            call = ldm.make_call(x, t, ctx, y, None, {}, {})
+            adapter = ldm.LdmUNetAdapter(unet)
+            adapter.encode(call, adapter.embed(call))
     return enc.get_total_flops() / full.get_total_flops()
 
 
@@ -94,11 +103,14 @@ def print_decoder_memory(unet, cu, size, pos, adm, dtype, device):
 
     full = peak(lambda: unet(x, t, ctx, y, None, {}))
     with torch.no_grad():
-        feats = cu.run_encoder(unet, x, cu.embed_time(unet, t, y, dtype, {}), ctx, None, {}, {})
+        ldm, runtime = _ldm(cu), import_module(cu.__name__.rsplit(".", 2)[0] + ".fasterdiffusion.runtime")
+        adapter = ldm.LdmUNetAdapter(unet)
+        call = ldm.make_call(x, t, ctx, y, None, {"sigmas": t}, {})
+        feats = adapter.encode(call, adapter.embed(call))
     row = []
     for width in (1, 2, 4, 8, 10, 15, 16):
         steps = [(t, t)] * width
-        row.append(f"x{width} ({2 * width} rows) {peak(lambda: cu.run_decoder_batch(unet, feats, steps, ctx, y, {}, {}, 0)):.2f}")
+        row.append(f"x{width} ({2 * width} rows) {peak(lambda: runtime.decode_steps(adapter, call, feats, steps, 0)):.2f}")
     print(f"peak GiB above weights: full forward b2 {full:.2f}; decoder " + ", ".join(row))
 
 

@@ -4,7 +4,7 @@
 
 For every ComfyUI sampler, samples 20 digits (2 per class, same seed) with the plain model and through
 FasterDiffusion Apply, and prints the digit-classifier accuracy of both and the relative image difference.
-Samplers whose accuracy falls far are in patches/comfy_unet.py BYPASSED_SAMPLERS (they run in full).
+Samplers whose accuracy falls far are in fasterdiffusion/samplers.py BYPASSED (they run in full).
 """
 from __future__ import annotations
 

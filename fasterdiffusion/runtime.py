@@ -1,0 +1,278 @@
+"""The method, once for every host: one sampling run's state and the decision for each UNet call.
+
+A host hooks its UNet call, finds which schedule step the call belongs to, and hands the call to
+``Run.forward`` together with an adapter for its UNet class (``UNetAdapter``) and a thunk that runs the
+host's unchanged forward.  The run decides (``Outcome``) and returns the UNet output:
+
+  FULL         the host's forward, untouched (a key step alone in its group, a bypassed run)
+  OFF_SCHEDULE an evaluation between schedule points (DPM2, SDE midpoints): the host's forward
+  KEY          a key step: one encoder pass; its features serve the whole group, and with ``parallel``
+               the decoders of every step of the group run now, as one batch (split under the cap)
+  SERVED       a non-key step whose output was precomputed in its key step's batch
+  DECODE       a non-key step: the decoder alone on the group's cached features
+  NO_FEATURES  a non-key step with no features of its own call slot in this group: the host's forward
+
+Features are cached per *call slot*: what the host says distinguishes calls with different features
+(cond chunks, order, shape, per-call patches) plus the call's occurrence within one sampler evaluation,
+so an extra guidance call (PAG's perturbed pass, SAG's degraded pass) never shares the regular call's
+features.  Nothing here imports a host.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol, Sequence
+
+import torch
+
+from .schedule import match_step
+from .strategy import Plan, Strategy, make_plan
+
+
+class Outcome(enum.Enum):
+    FULL = "full"
+    OFF_SCHEDULE = "off_schedule"
+    KEY = "key"
+    SERVED = "served"
+    DECODE = "decode"
+    NO_FEATURES = "no_features"
+
+
+@dataclass
+class Features:
+    """One key step's encoder output: the skip tensors (in encoder order) and the bottleneck output.
+    ``meta`` is the adapter's own (e.g. ComfyUI's transformer_index)."""
+    skips: list
+    mid: torch.Tensor
+    meta: Any = None
+
+    def tile(self, n: int) -> "Features":
+        """The same features for ``n`` steps' rows stacked step-major on the batch dim."""
+        if n == 1:
+            return self
+        return Features([torch.cat([t] * n) for t in self.skips], torch.cat([self.mid] * n), self.meta)
+
+
+@dataclass
+class ModelCall:
+    """One UNet evaluation as the runtime sees it.  ``timesteps``/``sigmas`` are per row; ``sigmas`` may
+    be None for hosts that do not track them; ``host`` is the adapter's own payload (conditioning extras,
+    options, ControlNet residuals)."""
+    x: torch.Tensor | None
+    timesteps: torch.Tensor
+    context: torch.Tensor | None
+    sigmas: torch.Tensor | None
+    dtype: torch.dtype
+    slot: Hashable = ()
+    host: Any = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+class UNetAdapter(Protocol):
+    """What the runtime needs from a UNet family.  ``decode`` must never read ``call.x``."""
+
+    def embed(self, call: ModelCall) -> torch.Tensor:
+        """The timestep embedding (+ class/ADM/added conditioning) every decoder step needs anew."""
+
+    def encode(self, call: ModelCall, emb: torch.Tensor) -> Features:
+        """conv_in + down blocks + middle block on ``call.x``."""
+
+    def decode(self, call: ModelCall, features: Features, emb: torch.Tensor) -> torch.Tensor:
+        """Up blocks + output head on ``features`` (with this call's own decoder-side control)."""
+
+    def tile(self, call: ModelCall, n: int, timesteps: torch.Tensor, sigmas: torch.Tensor | None) -> ModelCall:
+        """A decoder-only call for ``n`` steps' rows stacked step-major: conditioning repeated ``n`` times,
+        per-row ``timesteps``/``sigmas`` as given, ``x`` None, no ControlNet residuals."""
+
+    def has_decoder_control(self, call: ModelCall) -> bool:
+        """Whether this call carries residuals for the decoder side (ControlNet middle/output)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A node's (or API caller's) settings; immutable, shared by every run made from them."""
+    strategy: Strategy
+    parallel: bool = True
+    max_decoder_batch: int = 32      # most rows in one batched decoder call; 0 = no cap
+
+
+@dataclass
+class RunStats:
+    steps: int
+    strategy: str
+    keys: list
+    parallel: bool
+    full_calls: int = 0           # host forward: keys alone in their group, and every bypassed call
+    encoder_calls: int = 0        # key steps whose encoder served a group
+    cached_calls: int = 0         # non-key calls served from a group's features
+    off_schedule_calls: int = 0   # evaluations between schedule points (counted in full_calls too)
+    fallback_calls: int = 0       # non-key calls without features of their call slot (also full)
+    decoder_batches: list = field(default_factory=list)   # steps per decoder call of each key step
+    ignored_steps: list = field(default_factory=list)
+    parallel_off: str | None = None
+    bypassed: str | None = None
+    injected_steps: list | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        return d
+
+
+class Run:
+    """Everything one sampling run caches: made fresh per run, dropped by ``finish``.
+
+    ``sigmas``: the run's schedule (steps + 1 entries, the last usually 0), used to place a call on its
+    step and for per-row bookkeeping of batched calls; ``timesteps``: the model timestep of each step.
+    ``bypass``: why this run must compute every call in full (an unserved sampler or model), or None.
+    """
+
+    def __init__(self, config: RunConfig, sigmas: Sequence[float], timesteps, bypass: str | None = None):
+        self.config = config
+        self.sigmas = [float(s) for s in sigmas]
+        if not self.sigmas:
+            raise ValueError("FasterDiffusion: a sampling run needs a schedule of at least one sigma")
+        self.plan: Plan = make_plan(config.strategy, len(self.sigmas) - 1)
+        self.timesteps = torch.as_tensor(timesteps, dtype=torch.float32).flatten()
+        self.bypass = bypass
+        self.stats = RunStats(self.plan.num_steps, self.plan.strategy, list(self.plan.keys), config.parallel,
+                              ignored_steps=list(self.plan.ignored), bypassed=bypass)
+        self.features: dict = {}      # call slot -> (group, Features)
+        self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
+        self._seen: dict = {}         # call slot -> calls so far in the current sampler evaluation
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------------------ placing a call
+
+    def step_of(self, sigma: float) -> int | None:
+        """The schedule step of an evaluation at ``sigma``; None between schedule points."""
+        if self.plan.num_steps == 0:
+            return None
+        return match_step(self.sigmas, sigma)
+
+    def begin_evaluation(self):
+        """The host's sampler starts a new model evaluation: calls of the same slot after this are a new
+        occurrence 0 (a second call of one slot inside one evaluation is a guidance pass of its own)."""
+        self._seen.clear()
+
+    def slot_of(self, call: ModelCall) -> tuple:
+        n = self._seen.get(call.slot, 0)
+        self._seen[call.slot] = n + 1
+        return (call.slot, n)
+
+    def decide(self, step: int | None, slot) -> Outcome:
+        if self.bypass:
+            return Outcome.FULL
+        if step is None:
+            return Outcome.OFF_SCHEDULE
+        group = self.plan.group_of(step)
+        if step == group[0]:
+            return Outcome.FULL if len(group) == 1 else Outcome.KEY
+        cached = self.features.get(slot)
+        if cached is None or cached[0] != group:
+            return Outcome.NO_FEATURES
+        return Outcome.SERVED if (slot, step) in self.outputs else Outcome.DECODE
+
+    # ------------------------------------------------------------------------------ serving a call
+
+    def forward(self, adapter: UNetAdapter, call: ModelCall, step: int | None, full: Callable[[], torch.Tensor]):
+        """The UNet output for ``call`` at schedule ``step`` (None: off the schedule)."""
+        if call.rows == 0:            # nothing to compute; let the host say what it thinks of that
+            return full()
+        slot = self.slot_of(call)
+        outcome = self.decide(step, slot)
+        s = self.stats
+        if outcome in (Outcome.FULL, Outcome.OFF_SCHEDULE, Outcome.NO_FEATURES):
+            s.full_calls += 1
+            s.off_schedule_calls += outcome is Outcome.OFF_SCHEDULE
+            s.fallback_calls += outcome is Outcome.NO_FEATURES
+            return full()
+        if outcome is Outcome.KEY:
+            return self._key_step(adapter, call, step, slot)
+        s.cached_calls += 1
+        if outcome is Outcome.SERVED:
+            if not adapter.has_decoder_control(call):
+                return self.outputs[(slot, step)]
+            # a ControlNet became active inside a batched group: this step needs its own residuals
+            self._parallel_off("ControlNet residuals change every step: its steps' decoders ran one at a time")
+        feats = self.features[slot][1]
+        return adapter.decode(call, feats, adapter.embed(call))
+
+    def _key_step(self, adapter, call, step, slot):
+        group = self.plan.group_of(step)
+        self.stats.encoder_calls += 1
+        emb = adapter.embed(call)
+        feats = adapter.encode(call, emb)
+        self.features[slot] = (group, feats)
+        for k in [k for k in self.outputs if k[0] == slot]:
+            del self.outputs[k]
+        if not self.config.parallel or adapter.has_decoder_control(call):
+            if self.config.parallel:
+                self._parallel_off("ControlNet residuals change every step: decoders ran one step at a time")
+            self.stats.decoder_batches.append(1)
+            return adapter.decode(call, feats, emb)
+        outs, widths = decode_steps(adapter, call, feats, self.rows_for(call, group), self.config.max_decoder_batch)
+        self.stats.decoder_batches.extend(widths)
+        for s, out in zip(group[1:], outs[1:]):
+            self.outputs[(slot, s)] = out
+        return outs[0]
+
+    def rows_for(self, call: ModelCall, group) -> list:
+        """Per-row (timesteps, sigmas) of each step of ``group``: the key step's own, then the schedule's."""
+        rows = [(call.timesteps, call.sigmas)]
+        for s in group[1:]:
+            t = self.timesteps[s].to(call.timesteps).expand_as(call.timesteps)
+            sig = None if call.sigmas is None else torch.full_like(call.sigmas, self.sigmas[s])
+            rows.append((t, sig))
+        return rows
+
+    def _parallel_off(self, reason):
+        if self.stats.parallel_off is None:
+            self.stats.parallel_off = reason
+
+    # ------------------------------------------------------------------------------ the end
+
+    def finish(self) -> dict:
+        """Drop the caches and return the run's stats."""
+        self.features.clear()
+        self.outputs.clear()
+        self.stats.seconds = round(time.perf_counter() - self._t0, 3)
+        return self.stats.as_dict()
+
+
+def decode_steps(adapter: UNetAdapter, call: ModelCall, feats: Features, rows: list, max_rows: int):
+    """Decoder outputs of several steps on one set of features, in as few batched calls as ``max_rows``
+    (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching is exact."""
+    b = call.rows
+    per_call = len(rows) if max_rows <= 0 else max(1, max_rows // b)
+    outs, widths = [], []
+    for start in range(0, len(rows), per_call):
+        chunk = rows[start:start + per_call]
+        n = len(chunk)
+        sig = None if chunk[0][1] is None else torch.cat([s for _, s in chunk])
+        big = adapter.tile(call, n, torch.cat([t for t, _ in chunk]), sig)
+        out = adapter.decode(big, feats.tile(n), adapter.embed(big))
+        outs.extend(out.chunk(n))
+        widths.append(n)
+    return outs, widths
+
+
+def format_report(r: dict) -> str:
+    """The one stats line a run logs and shows."""
+    if r.get("bypassed"):
+        return f"FasterDiffusion [{r['strategy']}]: {r['steps']} steps; {r['bypassed']}"
+    batches = r["decoder_batches"]
+    text = (f"FasterDiffusion [{r['strategy']}]: {r['steps']} steps, encoder ran {r['encoder_calls'] + r['full_calls']}x "
+            f"and was skipped {r['cached_calls']}x (model calls); "
+            f"decoder batches {batches if len(batches) <= 12 else str(batches[:12])[:-1] + ', ...]'}; {r['seconds']:.2f}s")
+    if r["off_schedule_calls"]:
+        text += f"; {r['off_schedule_calls']} off-schedule calls ran in full"
+    if r["fallback_calls"]:
+        text += f"; {r['fallback_calls']} calls without cached features ran in full"
+    if r.get("parallel_off"):
+        text += f"; {r['parallel_off']}"
+    return text

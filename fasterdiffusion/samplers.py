@@ -1,0 +1,36 @@
+"""Which k-diffusion samplers encoder propagation can serve, and how (shared by every k-diffusion host:
+ComfyUI, A1111, Forge).  Names are k-diffusion's ``sample_*`` function names without the prefix.
+
+Found by sampling the digits test model with every stock sampler (tools/sampler_survey.py): the rest keep
+their digit accuracy within 10 points under the paper strategy; the bypassed ones fell 20-70 points.
+"""
+from __future__ import annotations
+
+RENOISING = ("{} re-noises the whole latent every step, so a decoder run on another latent's encoder "
+             "features cannot stand in for a step")
+STOCHASTIC_HIGH_ORDER = ("{} extrapolates from past predictions while adding fresh noise every step; "
+                         "propagated steps throw that off (on the test model digits became unrecognisable)")
+
+# sampler -> why every step of it runs in full
+BYPASSED = {
+    "lcm": RENOISING.format("lcm"),
+    **{name: STOCHASTIC_HIGH_ORDER.format(name) for name in (
+        "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun",
+        "dpmpp_2m_sde_heun_gpu", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "sa_solver",
+        "sa_solver_pece")},
+}
+
+# Samplers whose model calls all land on the schedule, once per step, with the sampler's own latent tensor
+# (so prior noise injection can act on the sampler's state in place).  lcm is listed because users pair it
+# with LCM models, but it runs every step in full (BYPASSED).
+STATE_PASSING = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "lms", "lcm")
+# On the schedule too, but they call the model on a rescaled copy of their latent: no injection.
+COPYING = ("uni_pc", "uni_pc_bh2")
+
+
+def bypass_reason(sampler_function_name: str) -> str | None:
+    """Why a sampler (its k-diffusion function name, with or without ``sample_``) runs in full, or None."""
+    name = sampler_function_name.removeprefix("sample_")
+    if name in BYPASSED:
+        return f"the {BYPASSED[name]}: every step ran in full"
+    return None
