@@ -58,3 +58,16 @@ def test_calibration_with_a_heun_type_sampler(calibrate, digits):
     """Heun's corrector evaluates the next step before the step itself: the later call's features count."""
     strategy, _ = calibrate(*digits, sampler="heun", key_steps=6)
     assert len(make_plan(strategy, 20).keys) == 6
+
+
+@pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
+def test_samplers_off_the_schedule_are_refused_up_front(calibrate, digits, sampler):
+    """They never evaluate on the schedule: the error names the sampler and lists the usable ones."""
+    import nodes
+    with pytest.raises(ValueError) as e:
+        calibrate(*digits, sampler=sampler)
+    assert f"'{sampler}'" in str(e.value) and "euler, " in str(e.value) and "dpm_fast," not in str(e.value)
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
+    assert node.VALIDATE_INPUTS(sampler_name=sampler) == str(e.value), "refused at queue time too"
+    assert node.VALIDATE_INPUTS(sampler_name="dpmpp_2m") is True
+    assert sampler not in node.INPUT_TYPES()["required"]["sampler_name"][0]
