@@ -5,7 +5,10 @@ from ..fasterdiffusion import StrategyError, parse_strategy
 from ..patches.comfy_unet import apply_faster_diffusion
 
 def validate_strategy(strategy):
-    """ComfyUI's queue-time check: True, or the error text (linked inputs arrive as None; checked when run)."""
+    """ComfyUI's queue-time check: True, or the error text (linked inputs arrive as None; checked when run).
+
+    The nodes' VALIDATE_INPUTS name only ``strategy``: ComfyUI skips its own min/max/list checks for every
+    input a VALIDATE_INPUTS names (for all of them if it takes ``**kwargs``), so it still checks the rest."""
     if isinstance(strategy, str):
         try:
             parse_strategy(strategy)
@@ -50,7 +53,7 @@ class FasterDiffusionApply:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strategy=None, **_):
+    def VALIDATE_INPUTS(cls, strategy=None):
         return validate_strategy(strategy)
 
     def apply(self, model, strategy="paper", parallel=True, max_decoder_batch=32, unique_id=None):

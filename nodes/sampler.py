@@ -52,7 +52,7 @@ class FasterDiffusionSampler:
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strategy=None, **_):
+    def VALIDATE_INPUTS(cls, strategy=None):   # only this one: the host checks the rest
         return validate_strategy(strategy)
 
     def get_sampler(self, sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold,
@@ -90,7 +90,7 @@ class FasterDiffusionKSampler:
             "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strategy=None, **_):
+    def VALIDATE_INPUTS(cls, strategy=None):   # only this one: the host checks the rest
         return validate_strategy(strategy)
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,

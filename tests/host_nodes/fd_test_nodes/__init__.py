@@ -17,9 +17,10 @@ class FDTestDigitsModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}}
+        return {"required": {}, "optional": {"copy": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip":
+            "Another number loads another copy: ComfyUI's output cache cannot hand back a model used before."})}}
 
-    def load(self):
+    def load(self, copy=0):
         return (tm.load_test_model()[0],)
 
 
