@@ -128,4 +128,7 @@ def test_rescale_cfg_and_cfg_pp_samplers(pack, digits):
         out = run(fd, tok, 3.0, sampler=sampler)
         r = config.reports[-1]
         assert (r["cached_calls"], r["fallback_calls"]) == (6, 0), sampler
-        assert rel(tm.decode(out), tm.decode(base)) < 0.4, sampler   # a 10-step run with 4 keys
+        if "ancestral" in sampler:   # fresh noise every step: the same digit, not the same pixels
+            assert tm.classify(tm.decode(out)) == tm.classify(tm.decode(base)) == [4], sampler
+        else:
+            assert rel(tm.decode(out), tm.decode(base)) < 0.4, sampler   # a 10-step run with 4 keys
