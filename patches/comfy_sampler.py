@@ -16,7 +16,7 @@ from ..fasterdiffusion.injection import Injector
 from ..fasterdiffusion.samplers import COPYING, STATE_PASSING
 from ..fasterdiffusion.runtime import Run
 from .comfy_ldm import unsupported_reason
-from .comfy_unet import FasterDiffusionConfig, OwnsRun, begin_run, finish_run, log
+from .comfy_unet import FasterDiffusionConfig, OwnsRun, begin_run, finish_run
 
 SUPPORTED = list(STATE_PASSING + COPYING)
 
@@ -52,9 +52,9 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
         plain = comfy.samplers.KSAMPLER(self.sampler_function, self.extra_options, self.inpaint_options)
         model_sampling = model_wrap.inner_model.model_sampling
         reason = unsupported_reason(model_wrap.inner_model.diffusion_model)
-        if reason:   # exactly the plain sampler: no propagation, no injection
-            log.warning("FasterDiffusion: passing the model through unchanged: %s", reason)
-            run = Run(self.config.run_config, sigmas.flatten().tolist(), [], bypass=f"model not served: {reason}")
+        if reason:   # exactly the plain sampler: no propagation, no injection; one log line (the report)
+            run = Run(self.config.run_config, sigmas.flatten().tolist(), [],
+                      bypass=f"passing the model through unchanged: {reason}")
             try:
                 return plain.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                     disable_pbar)

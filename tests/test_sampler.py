@@ -204,3 +204,42 @@ def test_interrupt_leaves_no_state_behind(nodes_, digits):
     fresh = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]().get_sampler("euler", "paper", True, 32, 0.003, 500.0)[0]
     assert torch.equal(after, comfy.sample.sample_custom(model, noise, 3.0, fresh, sigmas, pos, neg, latent,
                                                          disable_pbar=True, seed=0))
+
+
+# ------------------------------------------------------------------------------ models and inputs it cannot serve
+
+def other_unet_model():
+    """The digits model under a UNet class FasterDiffusion does not know (same forward, other type)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    class SomeOtherUNet(UNetModel):
+        pass
+    model, tok = tm.load_test_model()
+    model.model.diffusion_model.__class__ = SomeOtherUNet
+    return model, tok
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.003])
+def test_unsupported_model_is_exactly_the_plain_sampler_with_one_line(nodes_, pack, caplog, alpha):
+    import logging
+    model, tok = other_unet_model()
+    with caplog.at_level(logging.INFO):
+        out = fd_ksampler(nodes_, model, tok, alpha=alpha)
+    assert torch.equal(out, ksampler(nodes_, model, tok)), "no propagation and no injection"
+    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
+    assert lines == [f"FasterDiffusion [paper]: {STEPS} steps; passing the model through unchanged: "
+                     "SomeOtherUNet is not ComfyUI's UNetModel (SD1.x, SD2.x, SDXL)"]
+
+
+def test_zero_size_batch_gets_the_hosts_own_error(nodes_, pack, digits):
+    """An empty latent batch is the host's to refuse: the same error as the plain KSampler, not an
+    IndexError from inside the pack."""
+    model, tok = digits
+    empty = torch.zeros(0, 4, 8, 8)
+    with pytest.raises(Exception) as host:
+        ksampler(nodes_, model, tok, digits=(3,), latent=empty)
+    for run in (lambda: fd_ksampler(nodes_, model, tok, digits=(3,), latent=empty, alpha=0.003),
+                lambda: ksampler(nodes_, apply(pack, model, "paper")[0], tok, digits=(3,), latent=empty)):
+        with pytest.raises(type(host.value)) as ours:
+            run()
+        assert str(ours.value) == str(host.value)
