@@ -155,7 +155,11 @@ class LdmUNetAdapter:
         to["cond_or_uncond"] = list(h.to.get("cond_or_uncond", [])) * n
         to["uuids"] = list(h.to.get("uuids", [])) * n
         if sigmas is not None:
-            to["sigmas"] = sigmas
+            # ComfyUI gives one sigma per latent row (each cond chunk of the call repeats them); a batched
+            # call over steps has no such period, so it gets one sigma per call row, step-major: a patch
+            # that repeats to["sigmas"] up to its rows (the host's layout) reads each row's own sigma
+            per_step = sigmas.view(n, -1)
+            to["sigmas"] = per_step.repeat(1, b // per_step.shape[1]).flatten()
         to["original_shape"] = [b * n] + list(h.to.get("original_shape", [b]))[1:]
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=_rows(call.context, n),
                        host=LdmCall(_rows(h.y, n), None, to, h.kwargs))

@@ -377,3 +377,20 @@ def test_controlnet_residuals_reach_non_key_steps(pack, digits):
     base_effect = run_conds(model, *late) - run_conds(model, *plain)
     assert base_effect.norm() > 0 and fd_effect.norm() > 0.5 * base_effect.norm()
     assert rel(fd_effect, base_effect) < 0.5
+
+
+def test_batched_decoder_rows_carry_their_own_sigma(pack, digits):
+    """A decoder-side patch that reads transformer_options['sigmas'] per row (as sigma-dependent attention
+    and block patches do) sees the same sigma for each step in a batched group as in a call of its own."""
+    model, tok = digits
+
+    def sigma_scaled(h, hsp, to):
+        sigmas = to["sigmas"]      # one per latent row, repeated for each cond chunk of the call
+        per_row = sigmas.repeat(h.shape[0] // sigmas.shape[0])
+        return h * (1 + per_row.view(-1, 1, 1, 1) / 10), hsp
+
+    m = model.clone()
+    m.set_model_output_block_patch(sigma_scaled)
+    seq, par = (sample(apply(pack, m, "paper", parallel=p)[0], tok) for p in (False, True))
+    assert rel(par, seq) < 1e-4
+    assert rel(seq, sample(apply(pack, model, "paper", parallel=False)[0], tok)) > 1e-2, "the patch acts"
