@@ -23,6 +23,9 @@ from importlib import import_module
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from host_python import require  # noqa: E402  (tools/, next to this script)
+
+require("benchmark")         # says which interpreter to use when this one has no torch
 import testmodel as tm  # noqa: E402
 
 SD15 = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,

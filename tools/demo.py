@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from host_python import require  # noqa: E402  (tools/, next to this script)
+
+require("demo")         # says which interpreter to use when this one has no torch
 import testmodel as tm  # noqa: E402
 
 

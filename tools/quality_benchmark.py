@@ -23,6 +23,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from host_python import require  # noqa: E402  (tools/, next to this script)
+
+require("quality")         # says which interpreter to use when this one has no torch
 import testmodel as tm  # noqa: E402
 
 STEPS = 50
