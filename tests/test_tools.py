@@ -1,4 +1,5 @@
-"""The README's tools, run as a newcomer runs them (small settings): the demo's labelled image."""
+"""The README's tools, run as a newcomer runs them (small settings): the demo's labelled image, the
+benchmark's progress lines."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,10 @@ def test_demo_image_is_labelled_and_uses_the_recommended_strategy(tmp_path):
     labels, footer = img[60:grid_h, :250], img[-40:, :]
     assert (labels < 128).sum() > 500, "row labels are written left of the rows"
     assert (footer < 128).sum() > 500, "speed and fidelity are written under the rows"
+
+
+def test_benchmark_shows_progress(tmp_path):
+    stdout = run_tool(TOOLS / "benchmark.py", "--models", "digits", "--steps", 3, "--repeats", 1, "--no-injection")
+    lines = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]
+    assert len(lines) == 2 * 3, stdout                      # warm-up + 1 repeat, three variants each
+    assert "digits: warm-up, baseline" in lines[0] and "repeat 1 of 1, EP+parallel" in lines[-1]

@@ -1,9 +1,10 @@
 """Benchmark: baseline vs encoder propagation (EP) vs EP + parallel decoders (PEP), in ComfyUI.
 
-    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/benchmark.py                  # CPU: digits + SD1.5
+    bash tools/run.sh benchmark          # CPU defaults: digits + SD1.5, about 14 min and 5 GB of memory
     python tools/benchmark.py --device cuda --dtype fp16 --models sd15,sdxl --size 64,128 --steps 50
 
-One process, variants interleaved on the same seeds, medians of --repeats after a warm-up run.
+One process, variants interleaved on the same seeds, medians of --repeats after a warm-up run; a progress line
+per sampling run shows how far it is.
 Per model and variant it prints: UNet time (a DIFFUSION_MODEL wrapper outside FasterDiffusion's, CUDA
 synchronised), whole sampling time, the measured time ratio to the baseline, the FLOP fraction the cost
 model predicts (encoder share counted by torch's FlopCounterMode on this very UNet), and fidelity to the
@@ -117,6 +118,15 @@ def print_decoder_memory(unet, cu, size, pos, adm, dtype, device):
     print(f"peak GiB above weights: full forward b2 {full:.2f}; decoder " + ", ".join(row))
 
 
+START = time.perf_counter()
+
+
+def progress(text):
+    """One line of progress with the time since the start (the runs themselves print no bars)."""
+    minutes, seconds = divmod(int(time.perf_counter() - START), 60)
+    print(f"  [{minutes:2d}:{seconds:02d}] {text}", flush=True)
+
+
 def injection_table(steps, sampler, cfg):
     """Prior noise injection on/off on the trained digits model: 100 samples (10 per digit), the same seeds,
     fidelity to the full run and digit-classifier accuracy."""
@@ -131,7 +141,8 @@ def injection_table(steps, sampler, cfg):
     node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
     runs = {"baseline (strategy all)": ("all", 0.0), "FD paper": ("paper", 0.0), "FD paper + injection": ("paper", 0.003)}
     images = {}
-    for label, (strategy, alpha) in runs.items():
+    for i, (label, (strategy, alpha)) in enumerate(runs.items()):
+        progress(f"injection table: run {i + 1} of {len(runs)} ({label})")
         (out,) = node.sample(model, 5, steps, cfg, sampler, "normal", pos, neg, latent, 1.0, strategy, True, 0, alpha, 500.0)
         images[label] = tm.decode(out["samples"])
     base = images["baseline (strategy all)"]
@@ -213,6 +224,7 @@ def main():
         outs = {}
         for rep in range(args.repeats + 1):
             for label, m in variants.items():
+                progress(f"{name}: {'warm-up' if rep == 0 else f'repeat {rep} of {args.repeats}'}, {label}")
                 unet_time[0] = 0.0
                 sync()
                 t0 = time.perf_counter()
