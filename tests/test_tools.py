@@ -1,12 +1,15 @@
 """The README's tools, run as a newcomer runs them (small settings): the demo's labelled image, the
-benchmark's progress lines."""
+benchmark's progress lines, the quality plot's point labels and its redraw from the saved table."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from importlib.util import module_from_spec, spec_from_file_location
 
 import numpy as np
+import pytest
 
 import testmodel as tm
 
@@ -38,3 +41,26 @@ def test_benchmark_shows_progress(tmp_path):
     lines = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]
     assert len(lines) == 2 * 3, stdout                      # warm-up + 1 repeat, three variants each
     assert "digits: warm-up, baseline" in lines[0] and "repeat 1 of 1, EP+parallel" in lines[-1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(TOOLS))
+    spec = spec_from_file_location("quality_benchmark", TOOLS / "quality_benchmark.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_plot_redraws_from_the_saved_table_with_every_point_labelled(quality, tmp_path):
+    shutil.copy(tm.REPO / "docs" / "quality" / "quality.md", tmp_path)
+    stdout = run_tool(TOOLS / "quality_benchmark.py", "--replot", "--out", tmp_path, timeout=120)
+    assert (tmp_path / "quality_vs_cost.png").stat().st_size > 10_000, stdout
+    rows = quality.read_rows(tmp_path / "quality.md")
+    assert len(rows) == 22 and rows[0]["name"] == "baseline 50 steps" and rows[0]["psnr"] == float("inf")
+    assert {r["family"] for r in rows} == {"baseline", "FD", "FD+inj", "EasyCache"}
+    fig = quality.plot(rows, tmp_path / "again.png")
+    fd_axis, psnr_axis = fig.axes
+    assert sorted(t.get_text() for t in fd_axis.texts) == sorted(quality.point_label(r["name"]) for r in rows)
+    assert len(psnr_axis.texts) == len(rows) - 1, "every point but the reference itself (PSNR infinite)"
+    assert "u:3" in [t.get_text() for t in psnr_axis.texts]

@@ -9,7 +9,8 @@ Every configuration samples the same seeds (``--samples`` images, equal per digi
   * PSNR to the 50-step full run on the same seeds (fidelity);
   * cost: UNet FLOPs counted by torch's FlopCounterMode over a whole sampling run, relative to the 50-step
     run, and wall time.
-Writes ``quality.md`` (table) and ``quality_vs_cost.png`` (plot) into ``--out``.
+Writes ``quality.md`` (table) and ``quality_vs_cost.png`` (plot) into ``--out``; ``--replot`` only redraws the
+plot from the table already in ``--out`` (seconds).
 """
 from __future__ import annotations
 
@@ -68,7 +69,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=600)   # FD-digits seed spread ~2 at 600, ~12 at 200
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
+    ap.add_argument("--replot", action="store_true", help="redraw quality_vs_cost.png from the saved quality.md")
     args = ap.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        plot(read_rows(out / "quality.md"), out / "quality_vs_cost.png")
+        print(f"wrote {out / 'quality_vs_cost.png'} from {out / 'quality.md'}")
+        return
     tm.boot_comfy()
     import numpy as np
     import torch
@@ -163,26 +170,91 @@ def main():
     print(f"wrote {out / 'quality.md'} and {out / 'quality_vs_cost.png'}")
 
 
+def family(name):
+    """The plot group of a configuration, from its name in the table."""
+    if name.startswith("baseline"):
+        return "baseline"
+    if name.startswith("EasyCache"):
+        return "EasyCache"
+    return "FD+inj" if name.endswith("+ injection") else "FD"
+
+
+def read_rows(table):
+    """The rows of a quality.md written by this script (name, family, cost, seconds, fd, acc, psnr)."""
+    rows = []
+    for line in Path(table).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[1].replace(".", "", 1).isdigit():
+            continue                                   # the header, its rule, and anything else
+        name, cost, seconds, fd, acc, psnr = cells
+        rows.append(dict(name=name, family=family(name), cost=float(cost), seconds=float(seconds), fd=float(fd),
+                         acc=float(acc.rstrip("%")) / 100, psnr=math.inf if psnr == "∞" else float(psnr)))
+    return rows
+
+
+def point_label(name):
+    """A short label for a point: 'paper', 'u:3', 'cal 9', '20 steps', 'EC 0.1', ' +inj' where injected."""
+    label = (name.removeprefix("FD ").removeprefix("baseline ").replace("uniform:", "u:")
+             .replace("calibrated, ", "cal ").replace(" keys", "").replace("late-dense (paper Non-uniform II)", "late-dense")
+             .replace("EasyCache", "EC").replace(" + injection", " +inj"))
+    return label
+
+
+DPI = 110
+
+
+def label_points(ax, points, fontsize=7):
+    """Label each (x, y, text, colour) point next to it, moving a label up or down (with a leader line) until
+    it overlaps no other label or marker: the FasterDiffusion points crowd into a small range of cost."""
+    char_w, line_h = fontsize * DPI / 72 * 0.62, fontsize * DPI / 72 * 1.25     # pixels, roughly
+    marker = 5                                                   # half a marker, pixels: labels avoid markers too
+    placed = [(px - marker, py - marker, px + marker, py + marker)
+              for px, py in (ax.transData.transform((x, y)) for x, y, _, _ in points)]
+
+    def free(box):
+        return all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed)
+    for x, y, text, color in sorted(points, key=lambda p: (p[0], p[1])):
+        px, py = ax.transData.transform((x, y))
+        w = char_w * len(text)
+        for i in range(80):
+            dx, dy = (6, -line_h / 2) if i % 2 == 0 else (-6 - w, -line_h / 2)
+            dy += (i // 2 + 1) // 2 * line_h * (1 if (i // 2) % 2 else -1)
+            box = (px + dx, py + dy, px + dx + w, py + dy + line_h)
+            if free(box):
+                break
+        placed.append(box)
+        moved = abs(dy + line_h / 2) > 1
+        ax.annotate(text, (x, y), xytext=(dx, dy + line_h * 0.2), textcoords="offset pixels", fontsize=fontsize,
+                    color=color, arrowprops=dict(arrowstyle="-", lw=0.4, color=color, shrinkA=0, shrinkB=3)
+                    if moved else None)
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    style = {"baseline": ("k", "o"), "FD": ("tab:orange", "s"), "FD+inj": ("tab:red", "^"), "EasyCache": ("tab:blue", "D")}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), dpi=DPI)
+    style = {"baseline": ("k", "o", "fewer steps (baseline)"), "FD": ("tab:orange", "s", "FasterDiffusion"),
+             "FD+inj": ("tab:red", "^", "FasterDiffusion + noise injection"), "EasyCache": ("tab:blue", "D", "EasyCache")}
     for ax, key, label in ((axes[0], "fd", "FD-digits (lower is better)"), (axes[1], "psnr", "PSNR to the 50-step run, dB")):
-        for fam, (color, marker) in style.items():
+        for fam, (color, marker, legend) in style.items():
             pts = [r for r in rows if r["family"] == fam and not math.isinf(r[key])]
-            ax.scatter([r["cost"] for r in pts], [r[key] for r in pts], c=color, marker=marker, label=fam)
+            ax.scatter([r["cost"] for r in pts], [r[key] for r in pts], c=color, marker=marker, label=legend)
             if fam == "baseline":
                 pts = sorted(pts, key=lambda r: r["cost"])
                 ax.plot([r["cost"] for r in pts], [r[key] for r in pts], c=color, lw=0.8)
         ax.set_xlabel("UNet FLOPs relative to 50 steps")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    for ax, key in ((axes[0], "fd"), (axes[1], "psnr")):
+        label_points(ax, [(r["cost"], r[key], point_label(r["name"]), style[r["family"]][0])
+                          for r in rows if not math.isinf(r[key])])
     axes[0].legend(fontsize=8)
-    fig.suptitle("Digits test model: FasterDiffusion vs fewer steps vs EasyCache")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.suptitle("Digits test model: FasterDiffusion vs fewer steps vs EasyCache "
+                 "(u:K = uniform:K, cal N = calibrated N keys, EC = EasyCache threshold)")
+    fig.savefig(path, dpi=DPI)
+    return fig
 
 
 if __name__ == "__main__":
