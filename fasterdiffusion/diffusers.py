@@ -69,6 +69,7 @@ ROW_WISE_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "SlicedAtt
                                  "FusedAttnProcessor2_0", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0"})
 
 _FORWARD_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
+MIRRORED_VERSION = "0.42.1"     # the diffusers release whose UNet2DConditionModel.forward the split mirrors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +158,18 @@ def row_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
     elif len(timesteps.shape) == 0:
         timesteps = timesteps[None].to(sample.device)
     return timesteps.expand(sample.shape[0])
+
+
+def forward_arguments(unet, args=(), kwargs=None) -> dict | None:
+    """The forward's arguments by name, defaults filled in (None if they do not bind)."""
+    try:
+        bound = _FORWARD_SIGNATURE.bind(unet, *args, **(kwargs or {}))
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    del a["self"]
+    return a
 
 
 def make_call(a: dict, slot=()) -> ModelCall:
@@ -400,13 +413,9 @@ class _PipelineCall:
         return self.pos if _same_t(lo, expected) and _same_t(hi, expected) else None
 
     def unet_call(self, module, original, args, kwargs):
-        try:
-            bound = _FORWARD_SIGNATURE.bind(module, *args, **kwargs)
-        except TypeError:
+        a = forward_arguments(module, args, kwargs)
+        if a is None:
             return original(*args, **kwargs)          # let the host say what is wrong with the call
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        del a["self"]
         t = row_timesteps(a["timestep"], a["sample"])
         if self.run is None:
             self._start(a, t)
@@ -569,6 +578,10 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     if previous is not None:
         log.info("FasterDiffusion: the pipeline was already patched; the settings of the last apply() win")
         vars(previous)[HANDLE_ATTR].remove()
+    import diffusers
+    if diffusers.__version__.split(".")[:2] != MIRRORED_VERSION.split(".")[:2]:
+        log.warning("FasterDiffusion: the UNet split mirrors diffusers %s; this is diffusers %s (check that "
+                    "strategy='all' gives the unpatched result)", MIRRORED_VERSION, diffusers.__version__)
     name = type(pipe).__name__
     if name not in SUPPORTED_PIPELINES or type(pipe).__module__.split(".")[0] != "diffusers":
         raise TypeError(f"FasterDiffusion: {name} is not a supported pipeline (supported: "

@@ -1,0 +1,157 @@
+"""Tiny random-weight diffusers pipelines built from configs (no downloads): SD1.5-shaped, SDXL-shaped and
+SD + ControlNet, with a CLIP tokenizer on a 55-token character vocabulary, CLIP text encoders and a VAE.
+
+Latents are 4 x 8 x 8 (the VAE downsamples by 2, so images are 16 x 16).  Used by tests/test_diffusers.py
+and tools/diffusers_demo.py.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+LATENT = 8
+VAE_FACTOR = 2
+IMAGE = LATENT * VAE_FACTOR
+SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    steps_offset=1)
+SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              "PNDMScheduler", "LMSDiscreteScheduler")
+
+
+def _seeded(seed):
+    torch.manual_seed(seed)
+
+
+def tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", "!"])}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+    for c in string.ascii_lowercase:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def text_encoder(seed: int = 0, projection: bool = False, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    cfg = CLIPTextConfig(vocab_size=55, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1)
+    _seeded(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+    _seeded(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=IMAGE).eval()
+
+
+SD15_UNET = dict(sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(8, 16, 16, 16), norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+SDXL_UNET = dict(sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+                 norm_num_groups=4, cross_attention_dim=64, attention_head_dim=(2, 2, 4), use_linear_projection=True,
+                 transformer_layers_per_block=(1, 1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def randomize_(module, seed: int, std: float = 1.0):
+    """Random weights ~ N(0, std^2 / fan_in) and biases ~ N(0, 0.05^2) for ``module`` (diffusers zero-
+    initialises the ControlNet's output convolutions; random ones make its residuals matter)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = std / p[0].numel() ** 0.5 if p.dim() > 1 else 0.05
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+def unet(kind: str = "sd15", seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+    _seeded(seed)
+    cfg = dict(SD15_UNET if kind == "sd15" else SDXL_UNET, **overrides)
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def scheduler(name: str = "EulerDiscreteScheduler", **kw):
+    import diffusers
+    cls = getattr(diffusers, name)
+    extra = dict(skip_prk_steps=True, set_alpha_to_one=False) if name == "PNDMScheduler" else {}
+    return cls(**SCHEDULER_KW, **extra, **kw)
+
+
+def _sd_parts(seed, sched):
+    return dict(vae=vae(seed), text_encoder=text_encoder(seed), tokenizer=tokenizer(), unet=unet("sd15", seed),
+                scheduler=scheduler(sched), safety_checker=None, feature_extractor=None, image_encoder=None,
+                requires_safety_checker=False)
+
+
+def sd15(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False):
+    import diffusers
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls(**_sd_parts(seed, sched))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False):
+    import diffusers
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
+    parts = dict(vae=vae(seed), text_encoder=text_encoder(seed), text_encoder_2=text_encoder(seed + 1, projection=True),
+                 tokenizer=tokenizer(), tokenizer_2=tokenizer(), unet=unet("sdxl", seed), scheduler=scheduler(sched),
+                 image_encoder=None, feature_extractor=None)
+    if img2img:
+        parts["requires_aesthetics_score"] = False
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def controlnet_model(seed: int = 0):
+    from diffusers import ControlNetModel
+    _seeded(seed)
+    c = SD15_UNET
+    net = ControlNetModel(in_channels=4, layers_per_block=c["layers_per_block"], block_out_channels=c["block_out_channels"],
+                          down_block_types=c["down_block_types"], norm_num_groups=c["norm_num_groups"],
+                          cross_attention_dim=c["cross_attention_dim"], attention_head_dim=c["attention_head_dim"],
+                          conditioning_embedding_out_channels=(4, 8)).eval()
+    for m in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
+        randomize_(m, seed + 7)
+    return net
+
+
+def controlnet(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False):
+    import diffusers
+    parts = _sd_parts(seed, sched)
+    parts["controlnet"] = controlnet_model(seed)
+    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def control_image(seed: int = 0, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, IMAGE, IMAGE, generator=g)
+
+
+def init_image(seed: int = 0, batch: int = 1):
+    g = torch.Generator().manual_seed(seed + 100)
+    return torch.rand(batch, 3, IMAGE, IMAGE, generator=g)
+
+
+PROMPTS = ("a red cat", "a blue dog", "green hills at dawn")
+
+
+def run(pipe, prompt=PROMPTS[0], steps: int = 10, seed: int = 0, guidance_scale: float = 5.0, **kw):
+    """Latents of one pipeline call (output_type="latent"), from a fixed generator."""
+    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **kw).images
