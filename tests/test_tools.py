@@ -64,3 +64,12 @@ def test_quality_plot_redraws_from_the_saved_table_with_every_point_labelled(qua
     assert sorted(t.get_text() for t in fd_axis.texts) == sorted(quality.point_label(r["name"]) for r in rows)
     assert len(psnr_axis.texts) == len(rows) - 1, "every point but the reference itself (PSNR infinite)"
     assert "u:3" in [t.get_text() for t in psnr_axis.texts]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (tm.REPO / "README.md").read_text()
+    block = readme[readme.index("## Development"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    (test_command,) = [line.split("#")[0].strip() for line in block.splitlines() if "# 2. the tests" in line]
+    ci = [line.strip() for line in (tm.REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [test_command] == ["bash tools/run.sh test"]

@@ -1,6 +1,6 @@
 """Benchmark: baseline vs encoder propagation (EP) vs EP + parallel decoders (PEP), in ComfyUI.
 
-    bash tools/run.sh benchmark          # CPU defaults: digits + SD1.5, about 14 min and 5 GB of memory
+    bash tools/run.sh benchmark          # CPU defaults: digits + SD1.5, 10–15 min and 5 GB of memory
     python tools/benchmark.py --device cuda --dtype fp16 --models sd15,sdxl --size 64,128 --steps 50
 
 One process, variants interleaved on the same seeds, medians of --repeats after a warm-up run; a progress line

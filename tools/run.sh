@@ -3,7 +3,7 @@
 #   bash tools/run.sh demo [args]        the main job: tools/demo.py (writes out/demo.png)
 #   bash tools/run.sh test [args]        the tests: pytest tests (CI runs exactly this); or given files:
 #                                        bash tools/run.sh test tests/test_fuzz.py -q
-#   bash tools/run.sh benchmark [args]   tools/benchmark.py (~14 min with its defaults)
+#   bash tools/run.sh benchmark [args]   tools/benchmark.py (10-15 min and 5 GB with its defaults)
 #   bash tools/run.sh quality [args]     tools/quality_benchmark.py (~30 min; --replot redraws in seconds)
 # Each first provisions the test host (tools/setup_test_host.sh --browser: ~3 min once; afterwards it only
 # checks its stamp), then runs under .testhost/venv/bin/python with OMP_NUM_THREADS=1 unless you set it.
