@@ -13,11 +13,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import requests
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(REPO / "tools"))
+from host_python import wrong_interpreter  # noqa: E402
+
+if message := wrong_interpreter("test"):      # before any import the test host provides
+    pytest.exit(message, returncode=4)
+
+import requests  # noqa: E402
 
 import testmodel as tm  # noqa: E402
 
