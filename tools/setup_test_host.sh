@@ -54,6 +54,12 @@ grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" >
 "$P" -m pip install -q requests websocket-client pytest hypothesis==6.170.15 scikit-learn matplotlib -c "$HOST/constraints.txt"
 # the diffusers host (optional extra of the package; tests build tiny pipelines from configs, no downloads)
 "$P" -m pip install -q diffusers==0.42.1 transformers==5.23.0 -c "$HOST/constraints.txt"
+# the A1111 host (tests/test_webui.py): the real CompVis `ldm` UNetModel that A1111 uses for SD1/SD2, from
+# stable-diffusion-sdkit WITHOUT its ancient pins (pytorch-lightning 1.4.2, transformers 4.33.2, ...);
+# the UNet itself needs only einops and omegaconf.  (k-diffusion from PyPI is not installed: its dependencies
+# would downgrade numpy or build scipy from source; the tests use ComfyUI's vendored sampler functions.)
+"$P" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5 -c "$HOST/constraints.txt"
+"$P" -m pip install -q einops omegaconf -c "$HOST/constraints.txt"
 "$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
 
 if [[ $BROWSER == 1 ]]; then
