@@ -1,0 +1,323 @@
+"""AUTOMATIC1111 / Forge glue shared by both hosts: one generation's settings, its sampling runs, the
+sampler-function wrapper that captures each run's schedule, and the per-evaluation model proxy.
+
+Per generation (``Generation``, made in ``Script.process``):
+  * ``before_sampling`` (from ``process_before_every_sampling``; twice on Forge's hires pass) hooks the UNet
+    (A1111: ``webui_ldm.UNetHook`` on ``p.sd_model.model.diffusion_model``; Forge: a patched clone of
+    ``forge_objects.unet``, ``webui_forge``) and wraps ``p.sampler.func`` with ``functools.wraps``
+    (idempotent: the original is kept on the wrapper);
+  * each call of the wrapped sampler function is one sampling run (txt2img, the hires pass, img2img): a
+    fresh ``Run`` on the exact schedule it was given (``sigmas``, or DDIM/PLMS ``timesteps``), a model proxy
+    that marks where each sampler evaluation starts (and adds prior noise injection), the stats line in
+    ``p.comment`` (shown under the image) and the log, in ``finally``;
+  * ``cleanup`` removes every hook: from ``postprocess``, at the start of the next generation (a run that
+    raised never reaches ``postprocess``) and when the script is unloaded.
+No host module is imported at module level; ``modules.sd_unet`` is looked up only when present.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from fasterdiffusion.injection import DEFAULT_THRESHOLD, Injector
+from fasterdiffusion.runtime import Run, RunConfig, format_report
+from fasterdiffusion.samplers import STATE_PASSING, bypass_reason
+from fasterdiffusion.strategy import StrategyError, make_plan, parse_strategy
+
+from . import webui_ldm
+
+log = logging.getLogger("FasterDiffusion")
+
+# infotext keys (the accordion's values; "FasterDiffusion" present means enabled)
+KEY_STRATEGY = "FasterDiffusion"
+KEY_PARALLEL = "FD parallel"
+KEY_MAX_BATCH = "FD max batch"
+KEY_ALPHA = "FD injection"
+DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool
+    strategy: str
+    parallel: bool = True
+    max_batch: int = 32
+    alpha: float = 0.0
+
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig(parse_strategy(self.strategy), self.parallel, self.max_batch)
+
+    def infotext(self) -> dict:
+        if not self.enabled:
+            return {}
+        d = {KEY_STRATEGY: str(parse_strategy(self.strategy))}
+        if not self.parallel:
+            d[KEY_PARALLEL] = False
+        if self.max_batch != DEFAULTS["max_batch"]:
+            d[KEY_MAX_BATCH] = self.max_batch
+        if self.alpha:
+            d[KEY_ALPHA] = self.alpha
+        return d
+
+
+def _bool(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes", "on")
+    return bool(v)
+
+
+def read_settings(p, args) -> Settings:
+    """The accordion's values (``args`` in ``ui()`` order: enabled, strategy, parallel, max_batch, alpha,
+    as positional ``alwayson_scripts`` args too, shorter lists take defaults), with XYZ overrides
+    (``p.fd_enabled``, ``p.fd_strategy``) applied.  A bad strategy raises StrategyError."""
+    names = ("enabled", "strategy", "parallel", "max_batch", "alpha")
+    values = dict(DEFAULTS)
+    values.update({k: v for k, v in zip(names, args) if v is not None})
+    if getattr(p, "fd_enabled", None) is not None:
+        values["enabled"] = p.fd_enabled
+    if getattr(p, "fd_strategy", None) is not None:
+        values["strategy"] = p.fd_strategy
+        if getattr(p, "fd_enabled", None) is None:
+            values["enabled"] = True        # an XYZ strategy axis means "with FasterDiffusion"
+    s = Settings(_bool(values["enabled"]), str(values["strategy"]).strip() or "paper", _bool(values["parallel"]),
+                 max(0, int(float(values["max_batch"]))), max(0.0, float(values["alpha"])))
+    if s.enabled:
+        parse_strategy(s.strategy)
+    return s
+
+
+def settings_from_infotext(params: dict) -> dict:
+    """The accordion's values a pasted infotext restores (plain values)."""
+    on = KEY_STRATEGY in params
+    return dict(enabled=on, strategy=params.get(KEY_STRATEGY, DEFAULTS["strategy"]),
+                parallel=_bool(params.get(KEY_PARALLEL, True)),
+                max_batch=int(float(params.get(KEY_MAX_BATCH, DEFAULTS["max_batch"]))),
+                alpha=float(params.get(KEY_ALPHA, 0.0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# One generation
+# --------------------------------------------------------------------------------------------------
+
+_ACTIVE: list = []      # generations whose hooks are (or may still be) installed
+
+
+def cleanup_all(why: str = ""):
+    """Remove the hooks of every earlier generation (one that raised never reached postprocess)."""
+    while _ACTIVE:
+        g = _ACTIVE.pop()
+        if g.hooks_installed() and why:
+            log.info("FasterDiffusion: removing hooks left by an earlier generation (%s)", why)
+        g.cleanup()
+
+
+def is_forge(p) -> bool:
+    return hasattr(getattr(p, "sd_model", None), "forge_objects")
+
+
+class Generation:
+    def __init__(self, settings: Settings, p=None):
+        self.settings = settings
+        self.config = settings.run_config
+        self.p = p
+        self.run: Run | None = None
+        self.step: int | None = None
+        self.reports: list[dict] = []
+        self.lines: list[str] = []
+        self.z_T = None
+        self._hooks: list = []          # webui_ldm.UNetHook (A1111)
+        self._samplers: list = []       # sampler objects whose func we wrapped
+        self.forge = None               # webui_forge module when serving Forge
+        _ACTIVE.append(self)
+
+    # --------------------------------------------------------------------------- hooks
+    def before_sampling(self, p, noise=None, **kwargs):
+        """``process_before_every_sampling``: hook the UNet and wrap this pass's sampler (idempotent)."""
+        if isinstance(noise, torch.Tensor):
+            self.z_T = noise
+        if is_forge(p):
+            from . import webui_forge
+            self.forge = webui_forge
+            webui_forge.patch_unet(p, self)
+        else:
+            unet = p.sd_model.model.diffusion_model
+            if not any(h.unet is unet for h in self._hooks) and webui_ldm.unsupported_reason(unet) is None:
+                self._hooks.append(webui_ldm.UNetHook(unet, lambda: self.run, lambda: self.step).install())
+        sampler = getattr(p, "sampler", None)
+        if sampler is not None and hasattr(sampler, "func"):
+            wrap_sampler(sampler, self)
+
+    def hooks_installed(self) -> bool:
+        return any(h.installed for h in self._hooks)
+
+    def cleanup(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for s in self._samplers:
+            orig = getattr(s.func, "_fd_orig", None)
+            if orig is not None:
+                s.func = orig
+        self._samplers = []
+        self.run = None
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    # --------------------------------------------------------------------------- one sampling run
+    def unet(self, p):
+        if self.forge is not None:
+            return self.forge.diffusion_model(p)
+        return p.sd_model.model.diffusion_model
+
+    def bypass_for(self, p, func_name) -> str | None:
+        if not self.settings.enabled:
+            return "off"
+        reason = bypass_reason(func_name)
+        if reason:
+            return reason
+        if getattr(p, "refiner_checkpoint", None) and getattr(p, "refiner_switch_at", 1.0) < 1.0:
+            return "the refiner swaps the UNet during sampling: every step ran in full"
+        if self.forge is not None:
+            return self.forge.unsupported_reason(p)
+        unet = self.unet(p)
+        reason = webui_ldm.unsupported_reason(unet)
+        if reason:
+            return f"passing the model through unchanged: {reason}"
+        sd_unet = sys.modules.get("modules.sd_unet")
+        if sd_unet is not None and getattr(sd_unet, "current_unet", None) is not None:
+            return "an SD UNet replacement (TensorRT, ...) is active: every step ran in full"
+        return None
+
+    def schedule(self, p, sampler, kwargs):
+        """(schedule, model timesteps, kind) of this call of the sampler function, or None."""
+        if isinstance(kwargs.get("sigmas"), torch.Tensor):
+            sigmas = kwargs["sigmas"].detach().flatten().float().cpu()
+            head = sigmas[:-1]
+            if self.forge is not None:
+                t = self.forge.timesteps(p, head)
+            else:
+                t = sampler.model_wrap.sigma_to_t(head.to(sampler.model_wrap.sigmas.device))
+            t = torch.cat([torch.as_tensor(t, dtype=torch.float32).flatten().cpu(), torch.zeros(1)])
+            return sigmas.tolist(), t, "sigmas"
+        if isinstance(kwargs.get("timesteps"), torch.Tensor) and self.forge is None:
+            # DDIM/PLMS: the model is evaluated at timesteps[len-1], ..., timesteps[1]; timesteps[0] is the end
+            ts = [float(v) for v in kwargs["timesteps"].flatten().tolist()][::-1]
+            return ts, torch.tensor(ts), "timesteps"
+        return None
+
+    def sample(self, orig, sampler, p, model, x, args, kwargs):
+        name = getattr(orig, "__name__", "")
+        sched = self.schedule(p, sampler, kwargs)
+        why = self.bypass_for(p, name)
+        if why == "off":
+            return orig(model, x, *args, **kwargs)
+        if sched is None:
+            why = why or (f"{name} takes no schedule to place steps on (DPM fast/adaptive"
+                          f"{', or a timestep sampler on Forge' if self.forge is not None else ''}): every step ran in full")
+            self._say(f"FasterDiffusion [{self.settings.strategy}]: {why}", warn=True)
+            return orig(model, x, *args, **kwargs)
+        schedule, timesteps, kind = sched
+        run = Run(self.config, schedule, timesteps, why)
+        if run.plan.ignored:
+            log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
+                        run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
+        for h in self._hooks:
+            h.shared = "forward" in h.unet.__dict__ and not getattr(h.unet.__dict__["forward"], "_fd_hook", None)
+            if h.shared and not run.bypass:
+                self._say("FasterDiffusion: another extension (ControlNet?) replaced the UNet's forward; "
+                          "propagating sequentially (no parallel decoders) under its forward", warn=False)
+        injector = self.injector(p, sampler, run, name, kind)
+        self.run, self.step = run, None
+        try:
+            return orig(EvaluationModel(model, self, injector), x, *args, **kwargs)
+        finally:
+            self.run = self.step = None
+            report = run.finish()
+            self.reports.append(report)
+            self._say(format_report(report), warn=bool(report.get("bypassed")))
+
+    def injector(self, p, sampler, run, name, kind):
+        a = self.settings.alpha
+        if a <= 0 or run.bypass:
+            return None
+        short = name.removeprefix("sample_")
+        if kind != "sigmas" or short not in STATE_PASSING or self.z_T is None:
+            log.warning("FasterDiffusion: prior noise injection needs one of the samplers %s; not applied with %s",
+                        ", ".join(s for s in STATE_PASSING if s != "lcm"), name or "this sampler")
+            return None
+        shift = (self.forge.denoised_shift(p) if self.forge is not None else
+                 _v_shift if type(getattr(sampler, "model_wrap", None)).__name__ == "CompVisVDenoiser" else _eps_shift)
+        inj = Injector(run.sigmas, run.timesteps.tolist(), self.z_T, a, DEFAULT_THRESHOLD, shift)
+        run.stats.injected_steps = inj.steps
+        return inj
+
+    def _say(self, text, warn=False):
+        (log.warning if warn else log.info)(text)
+        print(text)
+        self.lines.append(text)
+        if self.p is not None and hasattr(self.p, "comment"):
+            self.p.comment(text)
+
+
+def _eps_shift(sigma, dx):
+    return dx
+
+
+def _v_shift(sigma, dx):
+    # k-diffusion's CompVisVDenoiser: denoised = c_skip * x + c_out * v, c_skip = 1 / (sigma^2 + 1)
+    s = sigma.reshape(-1, *([1] * (dx.ndim - 1))).to(dx)
+    return dx / (s * s + 1)
+
+
+def wrap_sampler(sampler, gen: Generation):
+    """``sampler.func`` wrapped so each call is one FasterDiffusion run; ``functools.wraps`` keeps its
+    signature (A1111 passes ``sigmas`` only to functions that declare it).  Idempotent."""
+    orig = getattr(sampler.func, "_fd_orig", sampler.func)
+
+    @functools.wraps(orig)
+    def fd_sampler_func(model, x, *args, **kwargs):
+        return gen.sample(orig, sampler, gen.p, model, x, args, kwargs)
+
+    fd_sampler_func._fd_orig = orig
+    sampler.func = fd_sampler_func
+    if sampler not in gen._samplers:      # cleanup puts the original back
+        gen._samplers.append(sampler)
+    return fd_sampler_func
+
+
+class EvaluationModel:
+    """The sampler's model (A1111's CFGDenoiser) for one run: marks where each evaluation starts and on
+    which step it is, and injects prior noise into the sampler's own latent after on-schedule calls."""
+
+    def __init__(self, model, gen: Generation, injector):
+        self._model, self._gen, self._injector = model, gen, injector
+
+    def __call__(self, x, sigma, *args, **kwargs):
+        run = self._gen.run
+        if run is not None:
+            run.begin_evaluation()
+            s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+            self._gen.step = run.step_of(s)
+        out = self._model(x, sigma, *args, **kwargs)
+        if self._injector is None:
+            return out
+        return self._injector.after_call(x, sigma if isinstance(sigma, torch.Tensor) else torch.tensor([sigma]), out)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def describe(strategy: str, steps: int) -> str:
+    """One line on a strategy for a step count (the tab's "Check"), or the error."""
+    try:
+        plan = make_plan(strategy, int(steps))
+    except StrategyError as e:
+        return str(e).split("\n", 1)[0]
+    from fasterdiffusion.strategy import predicted_cost_fraction
+    flops = predicted_cost_fraction(plan, 0.31)
+    return f"{plan.describe()}; UNet FLOPs {flops:.0%} of the full run (SD1.5 encoder share 31 %)"
