@@ -20,6 +20,10 @@ BYPASSED = {
         "sa_solver_pece")},
 }
 
+# Samplers that choose their own evaluation points and never step on the given schedule (they take no
+# sigmas): calibration cannot measure them, and A1111 does not pass them a schedule either.
+OFF_SCHEDULE_ONLY = ("dpm_fast", "dpm_adaptive")
+
 # Samplers whose model calls all land on the schedule, once per step, with the sampler's own latent tensor
 # (so prior noise injection can act on the sampler's state in place).  lcm is listed because users pair it
 # with LCM models, but it runs every step in full (BYPASSED).

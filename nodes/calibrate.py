@@ -9,6 +9,7 @@ import comfy.utils
 import latent_preview
 
 from ..fasterdiffusion import choose_keys, keys_for_cost, make_plan, plan_drift
+from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
 
@@ -17,7 +18,7 @@ log = logging.getLogger("FasterDiffusion")
 # DPM-Solver's own time points between the schedule's ends: no model call lands on the steps the recorder
 # measures.  Found by calibrating the digits model with every stock sampler at 7 and 20 steps: all others
 # evaluate on every step of the schedule.
-OFF_SCHEDULE = ("dpm_fast", "dpm_adaptive")
+OFF_SCHEDULE = OFF_SCHEDULE_ONLY
 SUPPORTED = [name for name in comfy.samplers.SAMPLER_NAMES if name not in OFF_SCHEDULE]
 
 
