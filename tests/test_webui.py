@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import webui_fakes as wf
-from fasterdiffusion.runtime import Run, RunConfig
+from fasterdiffusion.runtime import ModelCall, Run, RunConfig
 from fasterdiffusion.strategy import parse_strategy
 from test_runtime_contract import check_log, schedule, simulate
 
@@ -614,3 +614,63 @@ def test_forge_cfg1_and_hires_double_hook(webui, forge_host, ks):
     base, _, _, _ = forge_generate(webui, forge_host, [False], ks.sample_euler, cfg=1.0, hires=True)
     allk, _, _, _ = forge_generate(webui, forge_host, [True, "all"], ks.sample_euler, cfg=1.0, hires=True)
     assert all(torch.equal(a, b) for a, b in zip(base, allk))
+
+
+def test_forge_adapter_keeps_the_contract_with_controlnet_residuals(webui, forge_host):
+    """simulate/check_log through the Forge forward patch, every call carrying its own step's ControlNet
+    residuals (Forge passes ``control`` into the UNet, popping and adding them): non-key steps decode the key
+    step's features with their own residuals, and the cached features stay clean."""
+    forge = webui.forge
+    dm = forge_host.diffusion_model
+    g = torch.Generator().manual_seed(8)
+    ctx = torch.randn(2, 4, 64, generator=g)
+    sigmas, timesteps = schedule(5, 4)
+    shapes = {}
+
+    def control(t):
+        """A fresh ControlNet-style dict for a call at timestep t: one residual per skip and one middle."""
+        scale = 0.05 * torch.cos(t.flatten()[0] / 150.0)
+        return {"middle": [scale * torch.ones(shapes["mid"])], "output": [scale * torch.ones(s) for s in shapes["skips"]]}
+
+    adapter = forge.ForgeUNetAdapter(dm)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        c0 = SimpleNamespace(x=x0, timesteps=torch.tensor([500.0, 500.0]), context=ctx, dtype=x0.dtype,
+                             host=forge.ForgeCall(None, None, {}, {}))
+        f0 = adapter.encode(c0, adapter.embed(c0))
+    shapes["mid"], shapes["skips"] = tuple(f0.mid.shape), [tuple(s.shape) for s in f0.skips]
+
+    def call_of(call):
+        return ModelCall(
+            call.x, call.timesteps, ctx[:call.rows], call.sigmas, call.dtype, call.slot,
+            forge.ForgeCall(None, control(call.timesteps), {"cond_or_uncond": [0, 1][:call.rows]}, {}))
+
+    def full(call):
+        return type(dm).forward(dm, call.x, call.timesteps, ctx[:call.rows], None, control(call.timesteps),
+                                {"cond_or_uncond": [0, 1][:call.rows]})
+
+    def reference(key_call, call):
+        k, c = call_of(key_call), call_of(call)
+        feats = adapter.encode(k, adapter.embed(k))
+        return adapter.decode(c, feats, adapter.embed(c))
+
+    class Patched:                       # the runtime's calls through the patched forward, as Forge makes them
+        def __init__(self, run):
+            self.run, self.gen = run, SimpleNamespace(run=run, step=None)
+            self.forward_fn = types.MethodType(forge.make_forward(self.gen), dm)
+
+        def __getattr__(self, name):
+            return getattr(self.run, name)
+
+        def forward(self, _adapter, call, step, _full):
+            self.gen.step = step
+            return self.forward_fn(call.x, call.timesteps, ctx[:call.rows], None, control(call.timesteps),
+                                   {"cond_or_uncond": [0, 1][:call.rows], "sigmas": call.sigmas})
+
+    with torch.no_grad():
+        run = Run(RunConfig(parse_strategy("0,3")), sigmas, timesteps)
+        log = simulate(Patched(run), adapter, full, sigmas, timesteps, lambda: torch.randn(2, 4, 8, 8, generator=g),
+                       [("c",)], passes=0, corrector=False, midpoints=False)
+        check_log(run, log, reference, full)
+        stats = run.finish()
+    assert stats["cached_calls"] == 3 and set(stats["decoder_batches"]) == {1} and "ControlNet" in stats["parallel_off"]
