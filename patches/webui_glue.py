@@ -37,6 +37,7 @@ KEY_STRATEGY = "FasterDiffusion"
 KEY_PARALLEL = "FD parallel"
 KEY_MAX_BATCH = "FD max batch"
 KEY_ALPHA = "FD injection"
+KEY_STATS = "FD stats"          # written after sampling, never read back
 DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0)
 
 
@@ -240,6 +241,9 @@ class Generation:
             report = run.finish()
             self.reports.append(report)
             self._say(format_report(report), warn=bool(report.get("bypassed")))
+            if self.p is not None and hasattr(self.p, "extra_generation_params"):
+                # in the images' infotext (written after sampling; params.txt, written before, lacks it)
+                self.p.extra_generation_params[KEY_STATS] = "; ".join(map(short_report, self.reports))
 
     def injector(self, p, sampler, run, name, kind):
         a = self.settings.alpha
@@ -262,6 +266,13 @@ class Generation:
         self.lines.append(text)
         if self.p is not None and hasattr(self.p, "comment"):
             self.p.comment(text)
+
+
+def short_report(r: dict) -> str:
+    """One run's stats for the infotext: "20 steps: encoder 7x, skipped 13x" (or why it ran in full)."""
+    if r.get("bypassed"):
+        return f"{r['steps']} steps: full ({r['bypassed'].split(':')[0]})"
+    return f"{r['steps']} steps: encoder {r['encoder_calls'] + r['full_calls']}x, skipped {r['cached_calls']}x"
 
 
 def _eps_shift(sigma, dx):

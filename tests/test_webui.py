@@ -506,13 +506,14 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     glue = webui.glue
     sd = wf.SdModel(unet)
     _, p, _ = generate(webui, sd, [True, "UNIFORM:3", False, 8, 0.003], ks.sample_euler)
-    info = p.extra_generation_params
+    info = dict(p.extra_generation_params)
+    assert info.pop("FD stats") == "6 steps: encoder 2x, skipped 4x"       # written after sampling
     assert info == {"FasterDiffusion": "uniform:3", "FD parallel": False, "FD max batch": 8, "FD injection": 0.003}
     restored = glue.settings_from_infotext({k: str(v) for k, v in info.items()})
     assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_batch=8, alpha=0.003)
     assert glue.settings_from_infotext({"Steps": "20"})["enabled"] is False
     _, p, _ = generate(webui, sd, [True], ks.sample_euler)                 # API: a short args list
-    assert p.extra_generation_params == {"FasterDiffusion": "paper"}
+    assert p.extra_generation_params == {"FasterDiffusion": "paper", "FD stats": "6 steps: encoder 5x, skipped 1x"}
     # XYZ axes set p.fd_enabled / p.fd_strategy before process()
     p = wf.P(sd)
     p.fd_strategy = "0,2"
