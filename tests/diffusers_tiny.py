@@ -33,10 +33,10 @@ def tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def text_encoder(seed: int = 0, projection: bool = False, hidden: int = 32):
+def text_encoder(seed: int = 0, projection: bool = False, hidden: int = 32, max_length: int = 16):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     cfg = CLIPTextConfig(vocab_size=55, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
+                         num_hidden_layers=2, max_position_embeddings=max_length, projection_dim=32, bos_token_id=0,
                          eos_token_id=1, pad_token_id=1)
     _seeded(seed)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
@@ -88,16 +88,27 @@ def scheduler(name: str = "EulerDiscreteScheduler", **kw):
     return cls(**SCHEDULER_KW, **extra, **kw)
 
 
-def _sd_parts(seed, sched):
-    return dict(vae=vae(seed), text_encoder=text_encoder(seed), tokenizer=tokenizer(), unet=unet("sd15", seed),
+def _sd_parts(seed, sched, unet_overrides=None, max_length=16):
+    hidden = (unet_overrides or {}).get("cross_attention_dim", SD15_UNET["cross_attention_dim"])
+    return dict(vae=vae(seed), text_encoder=text_encoder(seed, hidden=hidden, max_length=max_length),
+                tokenizer=tokenizer(max_length), unet=unet("sd15", seed, **(unet_overrides or {})),
                 scheduler=scheduler(sched), safety_checker=None, feature_extractor=None, image_encoder=None,
                 requires_safety_checker=False)
 
 
-def sd15(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False):
+def sd15_layout(width: int = 320, latent: int = 64):
+    """UNet overrides for the real SD1.5 layout (2 res blocks per level, cross-attention on the first three
+    levels, 8 heads, 768-wide context) at base width ``width`` (SD1.5: 320) and latent size ``latent``."""
+    return dict(sample_size=latent, block_out_channels=(width, 2 * width, 4 * width, 4 * width), layers_per_block=2,
+                attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
+
+
+def sd15(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False, unet_overrides=None,
+         max_length: int = 16):
+    """An SD1.5-shaped pipeline; ``unet_overrides`` change the UNet config (e.g. ``sd15_layout()``)."""
     import diffusers
     cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    pipe = cls(**_sd_parts(seed, sched))
+    pipe = cls(**_sd_parts(seed, sched, unet_overrides, max_length))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

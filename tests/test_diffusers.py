@@ -239,6 +239,27 @@ def test_diffusers_adapter_keeps_the_runtime_contract():
             assert run.finish()["cached_calls"] == 5 * 2
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "controlnet"])
+def test_key_steps_are_exact_and_non_key_steps_cached(kind, patch):
+    """Sequential: every step up to the first non-key step is bit-identical to the unpatched pipeline, the
+    key step of a group included (its output comes from the split, not from the host forward)."""
+    pipe = pipeline(kind)
+    runs = []
+    for strategy in (None, "0,1,2,3,4,5,6,7,8,9,10,12,14,16,18"):
+        if strategy:
+            h = patch(pipe, strategy, parallel=False)
+        outs, done = step_outputs(pipe)
+        try:
+            sample(kind)
+        finally:
+            done()
+        runs.append(outs)
+    base, fd = runs
+    assert all(torch.equal(fd[i], base[i]) for i in range(11)), "steps 0-10 (10: a key step with a group)"
+    assert not torch.equal(fd[11], base[11])
+    assert h.reports[-1]["encoder_calls"] == 5 and h.reports[-1]["cached_calls"] == 5
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_parallel_matches_sequential(kind, patch):
     pipe = pipeline(kind)
@@ -379,25 +400,30 @@ def test_changed_prompt_embeddings_are_never_served_stale(patch):
     assert rel(swapped, plain) > 1e-3
 
 
-@pytest.mark.parametrize("kind,name", [("sd15_img2img", "EulerDiscreteScheduler"), ("sd15_img2img", "DDIMScheduler"),
-                                       ("sd15_img2img", "PNDMScheduler"), ("sdxl_img2img", "EulerDiscreteScheduler")])
-def test_strength_plans_on_the_remaining_steps(kind, name, patch):
+@pytest.mark.parametrize("kind,name,strength", [
+    ("sd15_img2img", "EulerDiscreteScheduler", 0.5),    # the scheduler has a begin index
+    ("sd15_img2img", "DDIMScheduler", 0.5),             # no begin index: from pipe.num_timesteps
+    ("sd15_img2img", "PNDMScheduler", 0.9),             # the loop starts at the second of PLMS's repeated pair
+    ("sdxl_img2img", "EulerDiscreteScheduler", 0.5)])
+def test_strength_plans_on_the_remaining_steps(kind, name, strength, patch):
     pipe = pipeline(kind)
     original = pipe.scheduler
     try:
         pipe.scheduler = dt.scheduler(name)
+        base = sample(kind, strength=strength)
         patch(pipe, "all")
-        base = sample(kind, strength=0.5)
+        assert torch.equal(sample(kind, strength=strength), base)
         h = patch(pipe, "paper")
-        sample(kind, strength=0.5)
+        sample(kind, strength=strength)
         pipe.scheduler.set_timesteps(STEPS)
-        remaining = len(pipe.scheduler.timesteps) - STEPS // 2
-        patch(pipe, "all")
-        again = sample(kind, strength=0.5)
+        ts = pipe.scheduler.timesteps.tolist()
+        begin = STEPS - int(STEPS * strength)
+        remaining = len(ts) - begin
     finally:
         pipe.scheduler = original
-    assert torch.equal(again, base)
-    plan = make_plan("paper", remaining)          # the paper's keys cut at 10 (11 for PNDM) steps
+    if name == "PNDMScheduler":
+        assert begin == 2 and ts[1] == ts[2]
+    plan = make_plan("paper", remaining)          # the paper's keys cut at the remaining steps
     r = h.reports[-1]
     assert r["steps"] == remaining and r["keys"] == list(plan.keys) and r["off_schedule_calls"] == 0
     assert r["cached_calls"] == remaining - len(plan.keys) and r["fallback_calls"] == 0
