@@ -429,6 +429,57 @@ def test_strength_plans_on_the_remaining_steps(kind, name, strength, patch):
     assert r["cached_calls"] == remaining - len(plan.keys) and r["fallback_calls"] == 0
 
 
+def test_sdxl_base_and_refiner_split(patch):
+    """denoising_end on the base (DDIM: no begin index, the loop is cut at the end) and denoising_start on
+    img2img: each call plans on the steps its loop takes; strategy all stays bit-identical."""
+    base_pipe, refiner = pipeline("sdxl"), pipeline("sdxl_img2img")
+    originals = base_pipe.scheduler, refiner.scheduler
+    results = []
+    try:
+        for pipe, kind, kw in ((base_pipe, "sdxl", {"denoising_end": 0.6}),
+                               (refiner, "sdxl_img2img", {"denoising_start": 0.6, "strength": 0.3})):
+            pipe.scheduler = dt.scheduler("DDIMScheduler")
+            plain = sample(kind, **kw)
+            patch(pipe, "all")
+            same = sample(kind, **kw)
+            h = patch(pipe, "paper")
+            sample(kind, **kw)
+            results.append((plain, same, h.reports[-1]))
+    finally:
+        base_pipe.scheduler, refiner.scheduler = originals
+    for (plain, same, r), steps in zip(results, (12, 8)):      # 20 DDIM steps cut at t >= 400, resp. from t < 400
+        assert torch.equal(same, plain)
+        assert r["steps"] == steps and r["keys"] == list(make_plan("paper", steps).keys)
+        assert r["off_schedule_calls"] == 0 and r["cached_calls"] == steps - len(r["keys"])
+
+
+def test_lora_scale_is_applied_as_the_forward_does(patch):
+    """With PEFT LoRA layers and cross_attention_kwargs={"scale": 0.3}: the split scales the LoRA layers as
+    the forward's decorator does (sequential key steps bit-identical).  Needs peft (not in the test host)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    pipe = dt.sd15(seed=5)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    kw = {"cross_attention_kwargs": {"scale": 0.3}}
+    runs = []
+    for strategy in (None, "0,1,2,3,4,5,6,7,8,9,10,12,14,16,18"):
+        if strategy:
+            patch(pipe, strategy, parallel=False)
+        outs, done = step_outputs(pipe)
+        try:
+            sample("sd15", pipe=pipe, **kw)
+        finally:
+            done()
+        runs.append(outs)
+    assert all(torch.equal(runs[1][i], runs[0][i]) for i in range(11))
+    assert rel(sample("sd15", pipe=pipe), sample("sd15", pipe=pipe, **kw)) > 1e-3, "the scale matters"
+
+
 def test_guidance_scale_one_and_guidance_rescale(patch):
     pipe = pipeline("sd15")
     base1 = sample("sd15", guidance_scale=1.0)
