@@ -60,7 +60,17 @@ class FasterDiffusionScript(scripts.Script):
     def process(self, p, *args):
         glue.cleanup_all("a new generation started")
         p._fasterdiffusion = None
-        settings = glue.read_settings(p, args)
+        try:
+            settings = glue.read_settings(p, args)
+        except glue.StrategyError as e:
+            # A1111 reports an exception from a script hook and generates anyway: say it here, under the image
+            # too, and generate without FasterDiffusion (the infotext then has no FasterDiffusion key)
+            text = f"FasterDiffusion is off for this generation: {str(e).splitlines()[0]}"
+            glue.log.error(text)
+            print(text)
+            if hasattr(p, "comment"):
+                p.comment(text)
+            return
         if not settings.enabled:
             return
         p.extra_generation_params.update(settings.infotext())

@@ -522,6 +522,10 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     assert glue.read_settings(p, [True, "paper"]).enabled is False
     with pytest.raises(glue.StrategyError):
         glue.read_settings(wf.P(sd), [True, "1,2,3"])
+    base, _, _ = generate(webui, sd, [False], ks.sample_euler)
+    out, p, processed = generate(webui, sd, [True, "1,2,3"], ks.sample_euler)   # A1111 would swallow the error: say it
+    assert torch.equal(out, base) and "FasterDiffusion" not in p.extra_generation_params
+    assert "FasterDiffusion is off for this generation" in processed.comments and "step 0" in processed.comments
 
 
 def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
