@@ -524,12 +524,15 @@ class FasterDiffusionHandle:
             return
         if self._active is not None:
             raise RuntimeError("FasterDiffusion: remove() cannot run inside a pipeline call")
+        registry = self.unet._diffusers_hook
+        if vars(self.unet).get("forward") is not self._forward and registry._hook_order[-1:] == [HOOK_NAME]:
+            # diffusers' registry would put the original forward back over the later wrapper (e.g. accelerate's
+            # CPU offload hook) and silently break it
+            raise RuntimeError("FasterDiffusion: unet.forward was wrapped after apply() (CPU offload?); remove that "
+                               "first (pipe.remove_all_hooks()), then call remove()")
         self._removed = True
         if vars(type(self.pipe)).get(HANDLE_ATTR) is self:
             self.pipe.__class__ = self._pipe_class
-        registry = self.unet._diffusers_hook
-        if vars(self.unet).get("forward") is not self._forward and registry._hook_order[-1:] == [HOOK_NAME]:
-            log.warning("FasterDiffusion: something wrapped unet.forward after apply(); remove() unhooks it too")
         registry.remove_hook(HOOK_NAME, recurse=False)
         if not registry.hooks:
             if not self._had_forward:
@@ -590,4 +593,8 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     reason = unsupported_unet_reason(unet)
     if reason:
         raise TypeError(f"FasterDiffusion cannot serve {name}.unet: {reason}")
+    if hasattr(unet, "_hf_hook"):
+        # an accelerate hook (CPU offload) inside ours would be skipped by the split, which calls the blocks
+        raise RuntimeError("FasterDiffusion: the UNet has an accelerate hook (CPU offload): call apply() first, "
+                           "then enable_model_cpu_offload() (pipe.remove_all_hooks() removes it)")
     return FasterDiffusionHandle(pipe, config)

@@ -532,6 +532,7 @@ def test_controlnet_each_step_gets_its_own_residuals(patch):
 
 def test_applying_twice_keeps_only_the_last_settings(patch):
     pipe = pipeline("sd15")
+    sample("sd15", steps=2)           # the pipeline's own per-call attributes exist from the first call on
     before = state_of(pipe)
     first = patch(pipe, "paper")
     second = patch(pipe, "uniform:2", parallel=False)
@@ -544,6 +545,28 @@ def test_applying_twice_keeps_only_the_last_settings(patch):
     assert state_of(pipe) == before
     fresh = patch(pipe, "uniform:2", parallel=False)
     assert torch.equal(sample("sd15"), out) and fresh.reports
+
+
+def test_a_later_forward_wrapper_is_never_silently_dropped():
+    """accelerate's CPU offload wraps unet.forward: inside ours it would be skipped (refused at apply), and
+    remove() must not put the original forward back over one installed after apply (it asks to remove it)."""
+    pipe = pipeline("sd15")
+    before = state_of(pipe)
+    handle = fdd.apply(pipe, "all")
+    ours = pipe.unet.forward
+    pipe.unet.forward = lambda *a, **k: ours(*a, **k)          # what accelerate's add_hook_to_module does
+    with pytest.raises(RuntimeError, match="wrapped after apply"):
+        handle.remove()
+    pipe.unet.forward = ours
+    handle.remove()
+    assert state_of(pipe) == before
+    pipe.unet._hf_hook = object()
+    try:
+        with pytest.raises(RuntimeError, match="accelerate hook"):
+            fdd.apply(pipe)
+    finally:
+        del pipe.unet._hf_hook
+    assert state_of(pipe) == before
 
 
 def test_other_unet_classes_and_configurations_are_refused():
