@@ -1,0 +1,224 @@
+"""FasterDiffusion inside a real AUTOMATIC1111 (v1.10.1), offline on CPU, through its HTTP API.
+
+Skipped unless ``A1111_PATH`` points at a prepared checkout (the source at tag v1.10.1 with its ``repositories/``
+and a venv that runs it; hosts.md D2 lists what that takes): this never downloads or builds A1111.
+``A1111_PYTHON`` (default ``$A1111_PATH/venv/bin/python``) runs it, with ``HF_HOME`` pointing at a cache that
+holds the CLIP tokenizer files.  The server runs with a temporary ``--data-dir`` whose ``extensions/`` holds
+this checkout and a small probe extension (written here) that gives A1111's all-zero test checkpoint a UNet
+with seeded random weights and records each pass's latents after sampling (``post_sample``), so results can
+be compared numerically.
+
+    A1111_PATH=/path/to/a1111 HF_HOME=/path/to/hf OMP_NUM_THREADS=1 \\
+        .testhost/venv/bin/python -m pytest tests/test_webui_real.py -q
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+A1111 = os.environ.get("A1111_PATH")
+pytestmark = pytest.mark.skipif(not A1111, reason="A1111_PATH is not set (a prepared AUTOMATIC1111 v1.10.1 checkout)")
+
+PROBE = '''
+import hashlib, torch
+from modules import script_callbacks, scripts
+LATENTS = []
+
+def reinit(sd_model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sd_model.model.diffusion_model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    print("fd probe: UNet re-initialised with seeded random weights")
+
+class Probe(scripts.Script):
+    def title(self):
+        return "fd probe"
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+    def post_sample(self, p, ps, *args):
+        t = ps.samples if isinstance(ps.samples, torch.Tensor) else torch.stack(list(ps.samples))   # hires: decoded
+        t = t.detach().float().cpu()
+        LATENTS.append({"shape": list(t.shape), "sha": hashlib.sha256(t.numpy().tobytes()).hexdigest(),
+                        "values": t.flatten().tolist()})
+
+def routes(_demo, app):
+    def latents():
+        out = list(LATENTS)
+        LATENTS.clear()
+        return out
+    app.add_api_route("/fd_probe/latents", latents, methods=["POST"])
+
+script_callbacks.on_model_loaded(reinit)
+script_callbacks.on_app_started(routes)
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def a1111(tmp_path_factory):
+    root = Path(A1111)
+    python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
+    data = tmp_path_factory.mktemp("a1111_data")
+    ext = data / "extensions"
+    ext.mkdir()
+    # the extension as "Install from URL" leaves it: a clean copy of this checkout's committed files
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, check=True).stdout
+    (ext / "fasterdiffusion").mkdir()
+    subprocess.run(["tar", "-x", "-C", str(ext / "fasterdiffusion")], input=archive, check=True)
+    (ext / "fd_probe" / "scripts").mkdir(parents=True)
+    (ext / "fd_probe" / "scripts" / "fd_probe.py").write_text(PROBE)
+    port = free_port()
+    log = open(data / "a1111.log", "w")
+    cmd = [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--test-server",
+           "--do-not-download-clip", "--no-half", "--disable-opt-split-attention", "--use-cpu", "all",
+           "--api-server-stop", "--skip-version-check", "--no-download-sd-model", "--data-dir", str(data),
+           "--ckpt", str(root / "test" / "test_files" / "empty.pt"), "--port", str(port)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert proc.poll() is None, (data / "a1111.log").read_text()[-4000:]
+            try:
+                r = requests.get(url + "/sdapi/v1/scripts", timeout=5)
+                if r.ok and "txt2img" in r.json():
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("A1111 did not start:\n" + (data / "a1111.log").read_text()[-4000:])
+        yield url, data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.copy(data / "a1111.log", REPO / "out" / "a1111_real.log") if (REPO / "out").is_dir() else None
+
+
+BASE = {"prompt": "a digit", "negative_prompt": "", "steps": 6, "width": 64, "height": 64, "seed": 1,
+        "cfg_scale": 5, "sampler_name": "Euler", "scheduler": "Karras", "batch_size": 1}
+
+
+def txt2img(url, fd=None, path="txt2img", **over):
+    body = dict(BASE, **over)
+    if fd is not None:
+        body["alwayson_scripts"] = {"fasterdiffusion": {"args": fd}}
+    r = requests.post(f"{url}/sdapi/v1/{path}", json=body, timeout=900)
+    assert r.ok, r.text[-2000:]
+    latents = requests.post(f"{url}/fd_probe/latents", timeout=60).json()
+    info = r.json()["info"]
+    import json
+    return json.loads(info), latents, r.json()["images"]
+
+
+def test_scripts_are_listed(a1111):
+    url, _ = a1111
+    scripts = requests.get(url + "/sdapi/v1/scripts", timeout=60).json()
+    assert "fasterdiffusion" in scripts["txt2img"] and "fasterdiffusion" in scripts["img2img"]
+
+
+def test_txt2img_with_and_without_fasterdiffusion(a1111):
+    url, _ = a1111
+    base_info, base, _ = txt2img(url)
+    all_info, allk, _ = txt2img(url, [True, "all"])
+    assert [l["sha"] for l in base] == [l["sha"] for l in allk]            # `all`: bit-identical latents
+    info, fd, images = txt2img(url, [True, "0,2"])
+    text = info["infotexts"][0]
+    assert 'FasterDiffusion: "0,2"' in text and "6 steps: encoder 2x, skipped 4x" in text, text
+    diff = max(abs(a - b) for a, b in zip(base[0]["values"], fd[0]["values"]))
+    assert 0 < diff < 1e3
+    # infotext round trip: A1111's own parser reads the keys back from the PNG
+    png = requests.post(url + "/sdapi/v1/png-info", json={"image": "data:image/png;base64," + images[0]}, timeout=60).json()
+    assert png["parameters"].get("FasterDiffusion") == "0,2", png
+
+
+def test_parallel_equals_sequential_and_batch_of_two(a1111):
+    url, _ = a1111
+    _, par, _ = txt2img(url, [True, "0,2"], batch_size=2)
+    _, seq, _ = txt2img(url, [True, "0,2", False], batch_size=2)
+    assert par[0]["shape"][0] == 2
+    assert max(abs(a - b) for a, b in zip(par[0]["values"], seq[0]["values"])) < 1e-3
+
+
+def test_hires_fix_and_img2img(a1111):
+    url, _ = a1111
+    info, lat, images = txt2img(url, [True, "0,2"], enable_hr=True, hr_scale=2, hr_second_pass_steps=4,
+                                denoising_strength=0.5, hr_upscaler="Latent")
+    text = info["infotexts"][0]
+    # two runs: the first pass, then the hires pass (its own 4 steps, step 0 a key step again), at 128 px
+    assert 'FD stats: "6 steps: encoder 2x, skipped 4x; 4 steps: encoder 2x, skipped 2x"' in text, text
+    assert len(lat) == 1 and lat[0]["shape"][-1] == 128
+    body = {"init_images": ["data:image/png;base64," + images[0]], "denoising_strength": 0.5}
+    info, lat, _ = txt2img(url, [True, "0,2"], path="img2img", **body)
+    text = info["infotexts"][0]
+    assert 'FD stats: "4 steps: encoder 2x, skipped 2x"' in text and 'FasterDiffusion: "0,2"' in text, text   # t_enc + 1
+
+
+def test_a_bad_strategy_generates_without_fasterdiffusion_and_says_so(a1111):
+    url, data = a1111
+    info, lat, _ = txt2img(url, [True, "1,2,3"])
+    assert "FasterDiffusion" not in info["infotexts"][0] and "FD stats" not in info["infotexts"][0]
+    assert "FasterDiffusion is off for this generation" in (data / "a1111.log").read_text()
+
+
+def test_accordion_and_tab_render_in_chromium(a1111):
+    """The accordion (its step editor filled by the extension's script with web/js/strategy.js's rules) and the
+    tab, in headless Chromium; clicking a cell toggles a key step in the strategy box.  Screenshots go to
+    out/webui_accordion.png and out/webui_tab.png."""
+    chromium = os.environ.get("FD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium")
+    from playwright.sync_api import sync_playwright
+    url, _ = a1111
+    (REPO / "out").mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, timeout=120_000)
+        acc = page.locator("#script_txt2img_fasterdiffusion_fd_enable")
+        acc.wait_for(timeout=120_000)
+        acc.locator(".label-wrap").first.click()
+        cells = page.locator("#script_txt2img_fasterdiffusion_fd_editor .fd-cell")
+        cells.first.wait_for(timeout=60_000)
+        steps = int(page.locator("#txt2img_steps input[type=number]").input_value())
+        assert cells.count() == steps
+        box = page.locator("#script_txt2img_fasterdiffusion_fd_strategy textarea, #script_txt2img_fasterdiffusion_fd_strategy input").first
+        assert box.input_value() == "paper"
+        cells.nth(steps - 1).click()                  # the last step becomes a key step too
+        page.wait_for_function("document.querySelector('#script_txt2img_fasterdiffusion_fd_strategy textarea, #script_txt2img_fasterdiffusion_fd_strategy input').value !== 'paper'")
+        assert box.input_value().endswith(f",{steps - 1}")
+        info = page.locator("#script_txt2img_fasterdiffusion_fd_editor .fd-info").inner_text()
+        assert "steps run the encoder" in info
+        acc.screenshot(path=str(REPO / "out" / "webui_accordion.png"))
+        page.locator("#tabs button", has_text="FasterDiffusion").first.click()
+        page.locator("#fd_tab_editor .fd-cell").first.wait_for(timeout=60_000)
+        page.locator("#fd_tab_export").click()
+        page.wait_for_function("document.querySelector('#fd_tab_json textarea').value.includes('key_steps')")
+        page.locator("#tab_fasterdiffusion").screenshot(path=str(REPO / "out" / "webui_tab.png"))
+        browser.close()
