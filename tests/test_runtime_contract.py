@@ -49,7 +49,8 @@ def fake_full(call):
 
 def schedule(n, seed):
     g = torch.Generator().manual_seed(seed)
-    sig = torch.sort(torch.rand(n, generator=g) * 14 + 0.03, descending=True).values.tolist() + [0.0]
+    gaps = torch.rand(n, generator=g) + 0.05        # distinct steps: match_step tells sigmas 1e-4 apart as one
+    sig = (torch.cumsum(gaps, 0).flip(0) / gaps.sum() * 14 + 0.03).tolist() + [0.0]
     return sig, [1000 * s / (1 + s) for s in sig]
 
 
