@@ -154,11 +154,17 @@ def add_xyz_axes():
     if any(getattr(o, "label", "").startswith("[FasterDiffusion]") for o in xyz.axis_options):
         return True
     xyz.axis_options.extend([
-        xyz.AxisOption("[FasterDiffusion] Enabled", str, xyz.apply_field("fd_enabled"), choices=lambda: ["True", "False"]),
-        xyz.AxisOption("[FasterDiffusion] Strategy", str, xyz.apply_field("fd_strategy"),
-                       confirm=_confirm_strategies),
+        xyz.AxisOption("[FasterDiffusion] Enabled", str, _apply_field("fd_enabled"), choices=lambda: ["True", "False"]),
+        xyz.AxisOption("[FasterDiffusion] Strategy", str, _apply_field("fd_strategy"), confirm=_confirm_strategies),
     ])
     return True
+
+
+def _apply_field(name):
+    """xyz_grid's ``apply_field`` (Forge Classic's xyz_grid has none): the axis value goes onto ``p``."""
+    def apply(p, x, xs):
+        setattr(p, name, x)
+    return apply
 
 
 def _confirm_strategies(p, xs):

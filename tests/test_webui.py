@@ -545,7 +545,7 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
     xyz = types.ModuleType("xyz_grid.py")
     xyz.axis_options = []
     xyz.AxisOption = lambda label, type, apply, **kw: SimpleNamespace(label=label, apply=apply, **kw)
-    xyz.apply_field = lambda name: (lambda p, x, xs: setattr(p, name, x))
+    # (no xyz.apply_field: Forge Classic's xyz_grid has none)
     sys.modules["modules.scripts"].scripts_data[:] = [SimpleNamespace(script_class=type("S", (), {"__module__": "xyz_grid.py"}), module=xyz)]
     try:
         assert ui.add_xyz_axes() and ui.add_xyz_axes()
