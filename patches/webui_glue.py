@@ -261,8 +261,8 @@ class Generation:
         return inj
 
     def _say(self, text, warn=False):
-        (log.warning if warn else log.info)(text)
-        print(text)
+        print(text)          # A1111/Forge show a script's print in the console; the logger would repeat it
+        log.debug(text)
         self.lines.append(text)
         if self.p is not None and hasattr(self.p, "comment"):
             self.p.comment(text)

@@ -66,7 +66,6 @@ class FasterDiffusionScript(scripts.Script):
             # A1111 reports an exception from a script hook and generates anyway: say it here, under the image
             # too, and generate without FasterDiffusion (the infotext then has no FasterDiffusion key)
             text = f"FasterDiffusion is off for this generation: {str(e).splitlines()[0]}"
-            glue.log.error(text)
             print(text)
             if hasattr(p, "comment"):
                 p.comment(text)

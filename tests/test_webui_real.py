@@ -161,9 +161,11 @@ def stats(text, host, exact, runs=1):
 
 
 def test_scripts_are_listed(a1111):
-    url, _, host = a1111
+    url, data, host = a1111
     scripts = requests.get(url + "/sdapi/v1/scripts", timeout=60).json()
     assert "fasterdiffusion" in scripts["txt2img"] and "fasterdiffusion" in scripts["img2img"]
+    errors = [line for line in (data / "a1111.log").read_text().splitlines() if "Error" in line and "fasterdiffusion" in line]
+    assert not errors, errors          # the UI, the tab, the XYZ axes and the route all registered cleanly
 
 
 def test_txt2img_with_and_without_fasterdiffusion(a1111):
