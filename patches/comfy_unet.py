@@ -42,7 +42,9 @@ class FasterDiffusionConfig:
 
 
 class OwnsRun:
-    """Marker of samplers that make their own FasterDiffusion run: an Apply node's hook then stays out."""
+    """Base of samplers that make their own FasterDiffusion run: an Apply node's hook then stays out.
+    Recognised by the attribute, not the class, so two loaded copies of the pack still agree."""
+    owns_faster_diffusion_run = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     """The Apply node's hook: a fresh run in a cloned model_options, stats in ``finally``."""
     guider = executor.class_obj
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
-    if isinstance(sampler, OwnsRun):      # a FasterDiffusion sampler node: its settings win
+    if getattr(sampler, "owns_faster_diffusion_run", False):   # a FasterDiffusion sampler node: its settings win
         return executor(*args, **kwargs)
     orig = guider.model_options
     config = orig["transformer_options"][KEY]

@@ -227,18 +227,25 @@ def vpred_tiny_model(seed: int = 0):
 PACK_DIR_NAME = "ComfyUI-FasterDiffusion"
 
 
+_LOADED_PACK = []   # one copy of the pack per process: a second copy would re-register every node class
+
+
 def load_pack(custom_nodes_dir):
     """Load this checkout into the booted ComfyUI exactly as ComfyUI does (custom_nodes/<pack> symlink,
-    nodes.load_custom_node) and return (Apply node class, the pack's patches.comfy_unet module)."""
+    nodes.load_custom_node) and return (Apply node class, the pack's patches.comfy_unet module).  Loaded
+    once per process: later calls (from another tool or test, with another directory) get the same copy."""
     import asyncio
     import nodes
+    if _LOADED_PACK:
+        return _LOADED_PACK[0]
     link = Path(custom_nodes_dir) / PACK_DIR_NAME
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     name = str(link).replace(".", "_x_")
     if name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(link))):
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")
-    return nodes.NODE_CLASS_MAPPINGS["FasterDiffusionApply"], sys.modules[name + ".patches.comfy_unet"]
+    _LOADED_PACK.append((nodes.NODE_CLASS_MAPPINGS["FasterDiffusionApply"], sys.modules[name + ".patches.comfy_unet"]))
+    return _LOADED_PACK[0]
 
 
 def digits_controlnet(seed: int = 0):
