@@ -196,6 +196,15 @@ def test_node_handles_v_prediction_exactly(pack, onepass, digits, caplog):
     assert "(v)" in text and "decoder batches [3]" in text and "not a recognised TiUE student" in text
 
 
+def test_node_runs_on_sdxl_with_its_adm_conditioning(onepass, caplog):
+    node, glue, engine = onepass
+    g = torch.Generator().manual_seed(2)
+    pos = [[torch.randn(2, tm.CONTEXT_TOKENS, tm.CONTEXT_DIM, generator=g), {"pooled_output": torch.randn(2, 1280, generator=g)}]]
+    out, text = run_node(node, tm.sdxl_tiny_model(), pos, 2, k=4, caplog=caplog)
+    assert out.shape == (2, 4, tm.LATENT_SIZE, tm.LATENT_SIZE) and torch.isfinite(out).all()
+    assert "encoder ran 1x, decoder batches [4]" in text
+
+
 def test_bad_k_and_unservable_models_are_refused(onepass, digits):
     node, glue, engine = onepass
     model, tokens = digits

@@ -47,5 +47,7 @@ def test_workflow_matches_node_definitions(all_nodes, path):
     assert fd, "every example shows a FasterDiffusion node"
     for n in fd:
         spec = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        if "strategy" not in widget_inputs(spec):      # FasterDiffusion One-Pass: no key steps to choose
+            continue
         strategy = n["widgets_values"][widget_inputs(spec).index("strategy")]
         assert nodes.NODE_CLASS_MAPPINGS[n["type"]].VALIDATE_INPUTS(strategy=strategy) is True

@@ -104,3 +104,22 @@ class FDTestVAEDecode:
 
 NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=FDTestTextEncode,
                            FDTestVAEDecode=FDTestVAEDecode)
+
+
+# Stand-in for UNETLoader ("Load Diffusion Model"): the digits model's committed TiUE student (tools/train_tiue.py),
+# for the One-Pass example workflow (tests/test_browser.py rewrites UNETLoader to this).
+class FDTestUNetLoader:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet_name": ("STRING", {"default": "tiue_student_sd15.safetensors"}),
+                             "weight_dtype": ("STRING", {"default": "default"})}}
+
+    def load(self, unet_name, weight_dtype):
+        return (tm.load_test_model(tm.REPO / "testmodel" / "digits_tiue_student.safetensors")[0],)
+
+
+NODE_CLASS_MAPPINGS.update(FDTestUNetLoader=FDTestUNetLoader)
