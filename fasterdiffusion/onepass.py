@@ -146,7 +146,7 @@ def one_pass(adapter: UNetAdapter, call: ModelCall, timesteps: Sequence[int], al
         raise OnePassError("one-pass sampling needs at least one timestep")
     if call.x is None:
         raise OnePassError("one-pass sampling needs the initial noise in call.x")
-    if not torch.all(call.timesteps.round() == timesteps[0]):
+    if not torch.all(call.timesteps.double().round() == timesteps[0]):
         raise OnePassError(f"the call's timesteps {call.timesteps.tolist()} are not the first DDIM timestep "
                            f"{timesteps[0]}")
     if sigmas is not None and len(sigmas) != len(timesteps):

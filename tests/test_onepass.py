@@ -376,3 +376,30 @@ def test_node_over_http_shows_its_text_and_refuses_bad_k(server):
     shown = [t for node, t in texts if node == "4"]
     assert len(shown) == 1 and "encoder ran 1x" in shown[0] and "only distilled students give good images" in shown[0]
     assert list((base / "output").glob("fd_onepass_*.latent"))
+
+
+# ----------------------------------------------------------------------------------------------- diffusers
+
+@pytest.mark.parametrize("prediction, alpha_to_one", [("epsilon", False), ("v_prediction", True)])
+def test_diffusers_one_pass_is_the_sequential_reference(prediction, alpha_to_one):
+    pytest.importorskip("diffusers")
+    import sys
+    sys.path.insert(0, str(tm.REPO / "tests"))
+    import diffusers_tiny as dt
+    from fasterdiffusion import diffusers as fdd
+    pipe = dt.sd15(sched="DDIMScheduler")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction,
+                                                      set_alpha_to_one=alpha_to_one)
+    latents = torch.randn(2, 4, dt.LATENT, dt.LATENT, generator=torch.Generator().manual_seed(0))
+    z = fdd.one_pass(pipe, ["a cat", "a dog"], latents=latents, output_type="latent", max_decoder_batch=4)
+    emb, _ = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)
+    a = pipe.scheduler.alphas_cumprod
+    call = ModelCall(latents, torch.full((2,), 751), emb, None, latents.dtype, (), fdd.DiffusersCall())
+    with torch.no_grad():
+        ref, _ = op.sequential(fdd.DiffusersUNetAdapter(pipe.unet), call, [751, 501, 251, 1], a,
+                               1.0 if alpha_to_one else float(a[0]), "eps" if prediction == "epsilon" else "v")
+    torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
+    images = fdd.one_pass(pipe, "a cat", generator=torch.Generator().manual_seed(1), output_type="np")
+    assert images.shape == (1, dt.IMAGE, dt.IMAGE, 3)
+    with pytest.raises(TypeError, match="StableDiffusionPipeline only"):
+        fdd.one_pass(dt.sdxl(), "a cat")
