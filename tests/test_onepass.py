@@ -182,6 +182,25 @@ def test_node_on_the_test_model_is_the_sequential_reference(pack, onepass, digit
     assert list(tm.classify(tm.decode(out))) == [1, 4, 7], "the teacher's one pass already draws its digits"
 
 
+def test_a_non_empty_latent_enters_in_the_models_latent_format(pack, onepass, digits, caplog):
+    """process_latent_in on the way in (with KSampler's weight at denoise 1: latent / sigma_max next to the unit
+    noise), process_latent_out on the way out; batch_index picks KSampler's noise rows."""
+    import comfy.sample
+    node, glue, engine = onepass
+    model, tokens = digits
+    pos, _ = tm.digit_conditioning(tokens, [2, 8])
+    image = torch.rand(2, 4, tm.LATENT_SIZE, tm.LATENT_SIZE, generator=torch.Generator().manual_seed(3)) * 20
+    latent = {"samples": image, "batch_index": [5, 1]}
+    with caplog.at_level(logging.INFO, logger="FasterDiffusion"):
+        (out,) = node().generate(model, pos, latent, 9, 4, 32)
+    noise = comfy.sample.prepare_noise(image, 9, [5, 1])
+    sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+    z_k = noise + model.model.process_latent_in(image) / sigma_max
+    torch.testing.assert_close(out["samples"], reference(pack, engine, model, pos[0][0], z_k, 4, "eps"),
+                               rtol=1e-4, atol=1e-4)
+    assert out["batch_index"] == [5, 1]
+
+
 def test_node_handles_v_prediction_exactly(pack, onepass, digits, caplog):
     import comfy.sample
     node, glue, engine = onepass
