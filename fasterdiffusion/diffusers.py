@@ -48,7 +48,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from diffusers.utils import USE_PEFT_BACKEND
 
-from .runtime import Features, ModelCall, Run, RunConfig, format_report
+from .runtime import Features, ModelCall, Run, RunConfig, format_report, repeat_rows as _rows
 from .samplers import bypass_reason
 from .strategy import Strategy, parse_strategy
 
@@ -184,13 +184,6 @@ def make_call(a: dict, slot=()) -> ModelCall:
                          a["mid_block_additional_residual"] if control else None)
     return ModelCall(sample, row_timesteps(a["timestep"], sample), a["encoder_hidden_states"], None, sample.dtype,
                      slot, host)
-
-
-def _rows(t, n):
-    """``n`` copies of a per-row tensor stacked step-major on the batch dim (None stays None)."""
-    if t is None or n == 1:
-        return t
-    return torch.cat([t] * n)
 
 
 def _mask_biases(call: ModelCall):

@@ -51,7 +51,15 @@ class Features:
         """The same features for ``n`` steps' rows stacked step-major on the batch dim."""
         if n == 1:
             return self
-        return Features([torch.cat([t] * n) for t in self.skips], torch.cat([self.mid] * n), self.meta)
+        return Features([repeat_rows(t, n) for t in self.skips], repeat_rows(self.mid, n), self.meta)
+
+
+def repeat_rows(t, n: int):
+    """``n`` copies of a per-call tensor stacked step-major on the batch dim (None stays None): what every
+    adapter's ``tile`` does to the call's conditioning."""
+    if t is None or n == 1:
+        return t
+    return torch.cat([t] * n)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, forward_timestep_embed, timestep_embedding
 
-from ..fasterdiffusion.runtime import Features, ModelCall
+from ..fasterdiffusion.runtime import Features, ModelCall, repeat_rows as _rows
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -106,13 +106,6 @@ def _video_kwargs(unet, kwargs):
     return dict(time_context=kwargs.get("time_context"),
                 num_video_frames=kwargs.get("num_video_frames", unet.default_num_video_frames),
                 image_only_indicator=kwargs.get("image_only_indicator"))
-
-
-def _rows(t, n):
-    """``n`` copies of a per-call tensor stacked on the batch dim, step-major (None stays None)."""
-    if t is None or n == 1:
-        return t
-    return torch.cat([t] * n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fasterdiffusion.runtime import Features, ModelCall
+from fasterdiffusion.runtime import Features, ModelCall, repeat_rows as _rows
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -124,10 +124,6 @@ def _control(h, control, name, in_place):
             except RuntimeError:
                 log.warning("control could not be applied %s %s", h.shape, ctrl.shape)
     return h
-
-
-def _rows(t, n):
-    return t if t is None or n == 1 else torch.cat([t] * n)
 
 
 class ForgeUNetAdapter:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fasterdiffusion.runtime import Features, ModelCall
+from fasterdiffusion.runtime import Features, ModelCall, repeat_rows as _rows
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -84,10 +84,6 @@ class LdmCall:
     """The A1111 side of one call: SDXL's ``y`` vector and any other keyword the caller passed."""
     y: torch.Tensor | None
     kwargs: dict
-
-
-def _rows(t, n):
-    return t if t is None or n == 1 else torch.cat([t] * n)
 
 
 class LdmUNetAdapter:
