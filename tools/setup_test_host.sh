@@ -61,6 +61,12 @@ grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY_DIR/requirements.txt" >
 "$P" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5 -c "$HOST/constraints.txt"
 "$P" -m pip install -q einops omegaconf -c "$HOST/constraints.txt"
 "$P" -c "import torch, torchvision.transforms; print('torch', torch.__version__)"
+# Fashion-MNIST for the second test model (testmodel/fashion.py): Debian's dataset-fashion-mnist (MIT)
+if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+  echo "== Fashion-MNIST (Debian package dataset-fashion-mnist)"
+  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
 
 if [[ $BROWSER == 1 ]]; then
   echo "== browser tools: chromium, playwright, comfyui-frontend-package $NEWEST_FRONTEND"
