@@ -55,13 +55,23 @@ def sampler_bypass_reason(sampler) -> str | None:
     return bypass_reason(getattr(getattr(sampler, "sampler_function", None), "__name__", ""))
 
 
+def other_cache_reason(model_options) -> str | None:
+    """ComfyUI's EasyCache/LazyCache (either order of nodes): they skip whole steps by their own measure,
+    so stacked on encoder propagation each would approximate the other's approximation."""
+    holder = model_options.get("transformer_options", {}).get("easycache")
+    if holder is None:
+        return None
+    name = getattr(holder, "name", "EasyCache")
+    return f"{name} is also applied to this model: every step ran in full, {name} alone decides what to skip"
+
+
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
               bypass: str | None = None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
     for callers that hooked in without the Apply node)."""
     flat = sigmas.flatten()
     run = Run(config.run_config, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
-              bypass or sampler_bypass_reason(sampler))
+              bypass or sampler_bypass_reason(sampler) or other_cache_reason(model_options))
     if run.plan.ignored:
         log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
                     run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
@@ -166,9 +176,6 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
         log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
         for wrapper_type in (WRAP.OUTER_SAMPLE, WRAP.PREDICT_NOISE, WRAP.DIFFUSION_MODEL):
             m.remove_wrappers_with_key(wrapper_type, KEY)
-    if m.get_wrappers(WRAP.DIFFUSION_MODEL, "easycache"):
-        log.warning("FasterDiffusion: EasyCache/LazyCache is also applied to this model; both skip work "
-                    "at the same steps in different ways, and the combination is untested")
     config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id)
     m.model_options["transformer_options"][KEY] = config
     m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
