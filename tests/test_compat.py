@@ -239,6 +239,8 @@ def test_lora(pack, digits, tmp_path, node):
     conds = conditioning(tok)
     original = {k: v.clone() for k, v in model.model.state_dict().items()}
     plain = ksampler(model, *conds)
+    ksampler(apply(pack, lora_model, KEYS)[0], *conds)
+    assert torch.equal(ksampler(model, *conds), plain), "the LoRA is patched out after a FasterDiffusion run"
     check_row(pack, node, lora_model, model, conds)
     comfy.model_management.unload_all_models()
     assert all(torch.equal(v, original[k]) for k, v in model.model.state_dict().items()), "LoRA unpatched"
