@@ -139,6 +139,8 @@ class LdmUNetAdapter:
 
     def decode(self, call: ModelCall, features: Features, emb):
         h = call.host
+        if call.x is not None:   # a step's own call skips the encoder, which sets this for attention patches
+            h.to["original_shape"] = list(call.x.shape)   # (ToMe, HyperTile); tiled calls carry their own
         return run_decoder(self.unet, features, emb, call.context, h.control, h.to, h.kwargs)
 
     def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:
