@@ -78,7 +78,7 @@ class Digits:
     """The digits test model: what the benchmark needs of a model."""
     title, fd_name = "Digits test model", "FD-digits"
 
-    def __init__(self, device):
+    def __init__(self, device, dtype=None):
         self.model, self.tokens = tm.load_test_model()
         self._features, self.real = feature_space()
 
@@ -97,10 +97,10 @@ class Digits:
 class Fashion:
     title, fd_name = "Fashion-MNIST test model", "FD-fashion"
 
-    def __init__(self, device):
+    def __init__(self, device, dtype=None):
         from testmodel import fashion as fm
         self.fm = fm
-        self.model, self.tokens = fm.load_fashion_model()
+        self.model, self.tokens = fm.load_fashion_model(dtype=dtype)
         real, _ = fm.fashion_dataset("test")
         self.real = fm.features_and_logits(real)[0].numpy()
 
@@ -129,6 +129,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(TABLE_NAME), default="digits")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the measured time column is this device's")
+    ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="the Fashion model's inference dtype")
     ap.add_argument("--samples", type=int, default=600)   # FD-digits seed spread ~2 at 600, ~12 at 200
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations (smoke tests)")
@@ -151,6 +152,7 @@ def main():
     from importlib import import_module
     if args.device == "cpu":
         torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     comfy.utils.set_progress_bar_enabled(False)
@@ -159,7 +161,7 @@ def main():
     calibration = import_module(package + ".patches.comfy_calibrate")
     cs = import_module(package + ".patches.comfy_sampler")
     engine = import_module(package + ".fasterdiffusion")
-    kit = (Digits if args.model == "digits" else Fashion)(args.device)
+    kit = (Digits if args.model == "digits" else Fashion)(args.device, torch.float16 if args.dtype == "fp16" else None)
     model = kit.model
     classes = [c % 10 for c in range(args.samples)]
     sampling = model.get_model_object("model_sampling")
@@ -248,7 +250,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU, 1 thread"
     lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
-             f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --samples {args.samples}`"
+             f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} --samples {args.samples}`"
              f" (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
              f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
              f"(spread {max(spread) - min(spread):.2f}). Calibrated keys (from seeds 1000-1009): "
