@@ -1,0 +1,57 @@
+"""The nodes' interface as the frontend and saved workflows see it, pinned against the V1 nodes it replaced.
+
+tests/data/node_schema_v1.json was written from the V1 node classes (before the move to ComfyUI's V3 API):
+node ids, display names, input names in order, widget options (defaults, ranges, tooltips), outputs.
+A saved workflow stores widget values by position and links by slot, so any change here breaks it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SNAPSHOT = Path(__file__).resolve().parent / "data" / "node_schema_v1.json"
+FD_NODES = ["FasterDiffusionApply", "FasterDiffusionSampler", "FasterDiffusionKSampler",
+            "FasterDiffusionCalibrate", "FasterDiffusionOnePass"]
+
+
+def normalized(spec_input):
+    """(type, options) with a V1 combo (a list of choices) written as V3 writes it: "COMBO" + options."""
+    typ, *rest = spec_input
+    opts = dict(rest[0]) if rest else {}
+    if isinstance(typ, list):
+        typ, opts = "COMBO", {**opts, "options": list(typ)}
+    if opts.get("multiline") is False:      # V3 always writes the default; V1 wrote it where a node said so
+        del opts["multiline"]
+    return [str(typ), opts]
+
+
+def describe(nodes, name):
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    spec = cls.INPUT_TYPES()
+    return {
+        "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS[name],
+        "category": cls.CATEGORY,
+        "description": cls.DESCRIPTION,
+        "inputs": {section: [[k, *normalized(v)] for k, v in spec.get(section, {}).items()]
+                   for section in ("required", "optional")},
+        "hidden": sorted(spec.get("hidden", {})),
+        "outputs": list(cls.RETURN_TYPES),
+        "output_names": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
+        "output_tooltips": list(cls.OUTPUT_TOOLTIPS),
+    }
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    import nodes
+    return nodes
+
+
+@pytest.mark.parametrize("name", FD_NODES)
+def test_node_interface_is_unchanged(nodes, name):
+    assert json.loads(json.dumps(describe(nodes, name))) == json.loads(SNAPSHOT.read_text())[name]
+
+
+def write_snapshot(nodes):   # run once from the V1 code; kept for the record
+    SNAPSHOT.write_text(json.dumps({n: describe(nodes, n) for n in FD_NODES}, indent=1) + "\n")
