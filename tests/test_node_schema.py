@@ -21,8 +21,9 @@ def normalized(spec_input):
     opts = dict(rest[0]) if rest else {}
     if isinstance(typ, list):
         typ, opts = "COMBO", {**opts, "options": list(typ)}
-    if opts.get("multiline") is False:      # V3 always writes the default; V1 wrote it where a node said so
-        del opts["multiline"]
+    for flag in ("multiline", "multiselect"):    # defaults V3 always writes (V1 only where a node said so)
+        if opts.get(flag) is False:
+            del opts[flag]
     return [str(typ), opts]
 
 

@@ -50,4 +50,4 @@ def test_workflow_matches_node_definitions(all_nodes, path):
         if "strategy" not in widget_inputs(spec):      # FasterDiffusion One-Pass: no key steps to choose
             continue
         strategy = n["widgets_values"][widget_inputs(spec).index("strategy")]
-        assert nodes.NODE_CLASS_MAPPINGS[n["type"]].VALIDATE_INPUTS(strategy=strategy) is True
+        assert nodes.NODE_CLASS_MAPPINGS[n["type"]].validate_inputs(strategy=strategy) is True

@@ -103,13 +103,13 @@ def main():
     drift = recorder.drift()
     calibrated = {k: ",".join(map(str, choose_keys(drift, STEPS, k))) for k in (9, 13, 17)}
 
-    ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
 
     def fd_run(strategy, alpha):
         def run(digs, seed):
             pos, neg = tm.digit_conditioning(tokens, digs)
             latent = {"samples": torch.zeros(len(digs), 4, tm.LATENT_SIZE, tm.LATENT_SIZE)}
-            return ks.sample(model, seed, STEPS, 3.0, "euler", "normal", pos, neg, latent, 1.0, strategy, True, 0,
+            return ks.execute(model, seed, STEPS, 3.0, "euler", "normal", pos, neg, latent, 1.0, strategy, True, 0,
                              alpha, 500.0)[0]["samples"]
         return run
 
