@@ -70,4 +70,5 @@ def test_samplers_off_the_schedule_are_refused_up_front(calibrate, digits, sampl
     node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
     assert node.validate_inputs(sampler_name=sampler) == str(e.value), "refused at queue time too"
     assert node.validate_inputs(sampler_name="dpmpp_2m") is True
-    assert sampler not in node.INPUT_TYPES()["required"]["sampler_name"][0]
+    options = node.INPUT_TYPES()["required"]["sampler_name"][1]["options"]
+    assert sampler not in options and "dpmpp_2m" in options

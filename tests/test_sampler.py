@@ -44,7 +44,8 @@ def test_nodes_are_registered(nodes_):
     for name in ("FasterDiffusionSampler", "FasterDiffusionKSampler"):
         spec = nodes_.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]
         assert all(opts.get("tooltip") for _, opts in spec.values()), name
-        assert "heun" not in spec["sampler_name"][0] and "euler" in spec["sampler_name"][0]
+        options = spec["sampler_name"][1]["options"]        # a V3 combo: ("COMBO", {"options": [...]})
+        assert "heun" not in options and "euler" in options
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
