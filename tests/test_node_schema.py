@@ -2,7 +2,9 @@
 
 tests/data/node_schema_v1.json was written from the V1 node classes (before the move to ComfyUI's V3 API):
 node ids, display names, input names in order, widget options (defaults, ranges, tooltips), outputs.
-A saved workflow stores widget values by position and links by slot, so any change here breaks it."""
+A saved workflow stores widget values by position and links by slot, so any change here breaks it.  After an
+intended change (a new optional input goes last), rewrite the snapshot and review its diff:
+    OMP_NUM_THREADS=1 .testhost/venv/bin/python tests/test_node_schema.py"""
 from __future__ import annotations
 
 import json
@@ -54,5 +56,17 @@ def test_node_interface_is_unchanged(nodes, name):
     assert json.loads(json.dumps(describe(nodes, name))) == json.loads(SNAPSHOT.read_text())[name]
 
 
-def write_snapshot(nodes):   # run once from the V1 code; kept for the record
-    SNAPSHOT.write_text(json.dumps({n: describe(nodes, n) for n in FD_NODES}, indent=1) + "\n")
+def write_snapshot(nodes):
+    SNAPSHOT.write_text(json.dumps({n: describe(nodes, n) for n in FD_NODES}, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+    sys.path.insert(0, str(SNAPSHOT.parent.parent.parent))
+    import testmodel as tm
+    tm.boot_comfy()
+    tm.load_pack(tempfile.mkdtemp())
+    import nodes as comfy_nodes
+    write_snapshot(comfy_nodes)
+    print(f"wrote {SNAPSHOT}")
