@@ -48,13 +48,15 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                          "Deterministic for the same inputs."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate for."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Noise seed of the measuring pass."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Noise seed of the measuring pass."),
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Steps of the sampler you will use."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale."),
                 io.Combo.Input("sampler_name", options=SUPPORTED, tooltip=
                     "The sampler you will use (every stock sampler except dpm_fast and dpm_adaptive, which never "
                     "step on the schedule)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, tooltip="The scheduler you will use."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                               tooltip="The scheduler you will use."),
                 io.Conditioning.Input("positive", tooltip="A representative prompt."),
                 io.Conditioning.Input("negative", tooltip="Its negative prompt."),
                 io.Latent.Input("latent_image", tooltip="The latent size you will sample at."),

@@ -69,8 +69,8 @@ def forward_outline(source: str) -> dict[str, set[str]]:
             key = node.slice                                               # options["key"]
         elif isinstance(node, ast.Compare):
             key = node.left                                                # "key" in options
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
-            key = node.args[0]                                             # options.get("key", ...)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            key = node.args[0] if node.args else None                      # options.get("key", ...)
         if isinstance(key, ast.Constant) and isinstance(key.value, str):
             out["keys"].add(key.value)
     return out
@@ -79,9 +79,11 @@ def forward_outline(source: str) -> dict[str, set[str]]:
 def forward_difference(source: str) -> str | None:
     """How a forward's outline differs from the mirrored one, in words, or None."""
     outline = forward_outline(source)
-    diffs = [f"{'uses' if extra else 'no longer uses'} {kind} {', '.join(sorted(names))}"
-             for kind in MIRRORED_FORWARD for extra in (True, False)
-             if (names := (outline[kind] - MIRRORED_FORWARD[kind]) if extra else (MIRRORED_FORWARD[kind] - outline[kind]))]
+    diffs = []
+    for kind, mirrored in MIRRORED_FORWARD.items():
+        for verb, names in (("uses", outline[kind] - mirrored), ("no longer uses", mirrored - outline[kind])):
+            if names:
+                diffs.append(f"{verb} {kind} {', '.join(sorted(names))}")
     if not diffs:
         return None
     return ("this ComfyUI's UNetModel._forward differs from the one FasterDiffusion mirrors (ComfyUI 0.3.75): "

@@ -148,8 +148,8 @@ def test_a_changed_forward_is_detected_and_named(host):
                                '"middle_block_patch" in transformer_patches')
     assert new_patch != source
     assert "uses keys middle_block_patch" in host.ldm.forward_difference(new_patch)
-    no_emb_patch = re.sub(r'if "emb_patch" in transformer_patches:.*?emb = p\(emb, self.model_channels, transformer_options\)',
-                          "pass", source, flags=re.DOTALL)
+    emb_block = r'if "emb_patch" in transformer_patches:.*?emb = p\(emb, self.model_channels, transformer_options\)'
+    no_emb_patch = re.sub(emb_block, "pass", source, flags=re.DOTALL)
     assert no_emb_patch != source
     assert "no longer uses keys emb_patch" in host.ldm.forward_difference(no_emb_patch)
     new_block = source.replace("h = apply_control(h, control, 'middle')",
@@ -176,8 +176,8 @@ def test_every_host_sampler_has_been_surveyed(host):
     import comfy.samplers
     new = [name for name in comfy.samplers.SAMPLER_NAMES if name not in SURVEYED_SAMPLERS]
     assert not new, (f"ComfyUI has samplers FasterDiffusion has not classified: {', '.join(new)}. Run "
-                     f"tools/sampler_survey.py (it measures every host sampler), classify them in fasterdiffusion/samplers.py "
-                     f"and add them to SURVEYED_SAMPLERS here")
+                     f"tools/sampler_survey.py (it measures every host sampler), classify them in "
+                     f"fasterdiffusion/samplers.py and add them to SURVEYED_SAMPLERS here")
 
 
 def test_transformer_options_keys_the_glue_reads(host, digits):
