@@ -13,7 +13,7 @@ from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
 from .apply import CATEGORY
-from .comfy_v3 import io, node_id
+from .comfy_v3 import Choice, io, node_id
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -52,10 +52,10 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                              tooltip="Noise seed of the measuring pass."),
                 io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Steps of the sampler you will use."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale."),
-                io.Combo.Input("sampler_name", options=SUPPORTED, tooltip=
+                Choice("sampler_name", options=SUPPORTED, tooltip=
                     "The sampler you will use (every stock sampler except dpm_fast and dpm_adaptive, which never "
                     "step on the schedule)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                Choice("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
                                tooltip="The scheduler you will use."),
                 io.Conditioning.Input("positive", tooltip="A representative prompt."),
                 io.Conditioning.Input("negative", tooltip="Its negative prompt."),

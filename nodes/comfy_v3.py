@@ -14,9 +14,27 @@ except ImportError:                                   # pragma: no cover - a Com
         raise ImportError("FasterDiffusion needs ComfyUI's V3 node API (comfy_api, ComfyUI 0.3.64 or newer); "
                           "update ComfyUI") from e
 
-__all__ = ["ComfyExtension", "io", "node_id"]
+__all__ = ["ComfyExtension", "io", "Choice", "node_id"]
 
 
 def node_id(cls) -> str | None:
     """The running node's id (the UNIQUE_ID hidden input), or None when called outside a prompt (tests, tools)."""
     return cls.hidden.unique_id if cls.hidden is not None else None
+
+
+class _ChoiceList(list):
+    """A combo's choices as its input type, the way V1 nodes declare it.  Hashable: newer ComfyUI looks input
+    types up in a dict (the choices never change after the schema is built)."""
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+
+class Choice(io.Combo.Input):
+    """A combo (dropdown) whose type is its list of choices, as a V1 combo's is.  ComfyUI 0.3.75 refuses a
+    queued value outside the choices only for such list-typed inputs (newer versions check V3 "COMBO"
+    inputs too, and every version still takes list-typed ones), so a bad sampler or scheduler name in an
+    API prompt is refused at queue time, naming the input, as before the move to V3."""
+
+    def get_io_type(self):
+        return _ChoiceList(self.options)

@@ -10,7 +10,7 @@ from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
 from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
 from ..patches.comfy_unet import FasterDiffusionConfig
 from .apply import CATEGORY, strategy_inputs, validate_strategy
-from .comfy_v3 import io, node_id
+from .comfy_v3 import Choice, io, node_id
 
 SAMPLER_TOOLTIP = ("The sampler to run with FasterDiffusion. Only samplers that evaluate the model once per step "
                    "on the schedule can batch a group's decoders ahead: " + ", ".join(SUPPORTED) + ". "
@@ -32,7 +32,7 @@ def fd_inputs():
 
 
 def sampler_input():
-    return io.Combo.Input("sampler_name", options=SUPPORTED, default="euler", tooltip=SAMPLER_TOOLTIP)
+    return Choice("sampler_name", options=SUPPORTED, default="euler", tooltip=SAMPLER_TOOLTIP)
 
 
 def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node):
@@ -85,7 +85,7 @@ class FasterDiffusionKSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
                 sampler_input(),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                Choice("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
                                tooltip="How the noise levels are spaced."),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
