@@ -225,6 +225,26 @@ def main():
 
     base_flops = flops(configs["baseline 50 steps"][1])
     base_seconds = measured_seconds(configs["baseline 50 steps"][1])
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU, 1 thread"
+
+    def write_table(spread):
+        out.mkdir(parents=True, exist_ok=True)
+        spread_text = (f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
+                       f"(spread {max(spread) - min(spread):.2f})." if spread else "(Seed spread not measured: the run was cut short.)")
+        lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
+                 f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} "
+                 f"--samples {args.samples}` (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
+                 spread_text + " Calibrated keys (from seeds 1000-1009): " + "; ".join(f"{k}: `{v}`" for k, v in calibrated.items()), "",
+                 "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
+                 "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
+                 "(one image, CFG, parallel decoders).", "",
+                 f"| configuration | UNet FLOPs | GPU time (SD1.5 H100, composed) | time measured | {kit.fd_name} ↓ | accuracy | PSNR to 50-step run |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['cost']:.3f} | {r['gpu']:.3f} | {r['measured']:.3f} | {r['fd']:.2f} | {r['acc']:.1%} | "
+                         + ("∞ |" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f} |"))
+        (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
     reference, rows = None, []
     for cname, (fam, run, plan) in configs.items():
         t0 = time.perf_counter()
@@ -244,26 +264,9 @@ def main():
         r = rows[-1]
         print(f"{cname:36s} FLOPs {r['cost']:.3f}  GPU(SD1.5) {r['gpu']:.3f}  measured {r['measured']:.3f}  "
               f"{kit.fd_name} {r['fd']:7.2f}  acc {r['acc']:.0%}  PSNR {r['psnr']:6.2f}  {seconds:5.1f}s", flush=True)
+        write_table(None)                      # after every row: a run cut short still leaves its rows
     spread = [frechet(kit.features(kit.decode(configs["baseline 50 steps"][1](classes, s))), kit.real) for s in (2, 3)]
-    spread.append(rows[0]["fd"])
-
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU, 1 thread"
-    lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
-             f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} --samples {args.samples}`"
-             f" (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
-             f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
-             f"(spread {max(spread) - min(spread):.2f}). Calibrated keys (from seeds 1000-1009): "
-             + "; ".join(f"{k}: `{v}`" for k, v in calibrated.items()), "",
-             "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
-             "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
-             "(one image, CFG, parallel decoders).", "",
-             f"| configuration | UNet FLOPs | GPU time (SD1.5 H100, composed) | time measured | {kit.fd_name} ↓ | accuracy | PSNR to 50-step run |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['cost']:.3f} | {r['gpu']:.3f} | {r['measured']:.3f} | {r['fd']:.2f} | {r['acc']:.1%} | "
-                     + ("∞ |" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f} |"))
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_table(spread + [rows[0]["fd"]])
     plot(rows, out / f"{name}_vs_cost.png", title=kit.title)
     print(f"wrote {out / f'{name}.md'} and {out / f'{name}_vs_cost.png'}")
 
