@@ -1,5 +1,6 @@
 from .apply import FasterDiffusionApply
 from .calibrate import FasterDiffusionCalibrate
+from .compare import FasterDiffusionCompare
 from .onepass import FasterDiffusionOnePass
 from .sampler import FasterDiffusionKSampler, FasterDiffusionSampler
 
@@ -9,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "FasterDiffusionKSampler": FasterDiffusionKSampler,
     "FasterDiffusionCalibrate": FasterDiffusionCalibrate,
     "FasterDiffusionOnePass": FasterDiffusionOnePass,
+    "FasterDiffusionCompare": FasterDiffusionCompare,   # a V3 node: the host takes it from this V1 mapping
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FasterDiffusionApply": "FasterDiffusion Apply",
@@ -16,4 +18,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FasterDiffusionKSampler": "FasterDiffusion KSampler",
     "FasterDiffusionCalibrate": "FasterDiffusion Calibrate",
     "FasterDiffusionOnePass": "FasterDiffusion One-Pass (TiUE)",
+    "FasterDiffusionCompare": "FasterDiffusion Compare",
 }

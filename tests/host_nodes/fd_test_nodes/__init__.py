@@ -61,9 +61,9 @@ class FDTestCheckpoint:
 
     def load(self, ckpt_name):
         if "xl" in ckpt_name.lower():
-            return tm.sdxl_tiny_model(), _TextEncoder("sdxl"), "sdxl"
+            return tm.sdxl_tiny_model(), _TextEncoder("sdxl"), tm.StandInVAE("sdxl")
         model, tokens = tm.load_test_model()
-        return model, _TextEncoder("digits", tokens), "digits"
+        return model, _TextEncoder("digits", tokens), tm.StandInVAE("digits")
 
 
 class FDTestTextEncode:
@@ -86,7 +86,7 @@ class FDTestTextEncode:
         return (tm.digit_conditioning(clip.tokens, [digit])[0],)
 
 
-class FDTestVAEDecode:
+class FDStandInVAEDecode:
     CATEGORY = "testing/faster_diffusion"
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -96,14 +96,11 @@ class FDTestVAEDecode:
         return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
 
     def decode(self, samples, vae):
-        import torch
-        x = samples["samples"]
-        gray = tm.decode(x) if vae == "digits" else torch.sigmoid(x[:, 0])
-        return (gray.unsqueeze(-1).repeat(1, 1, 1, 3),)
+        return (vae.decode(samples["samples"]),)
 
 
 NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=FDTestTextEncode,
-                           FDTestVAEDecode=FDTestVAEDecode)
+                           FDStandInVAEDecode=FDStandInVAEDecode)
 
 
 # Stand-in for UNETLoader ("Load Diffusion Model"): the digits model's committed TiUE student (tools/train_tiue.py),
