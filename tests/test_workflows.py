@@ -50,4 +50,6 @@ def test_workflow_matches_node_definitions(all_nodes, path):
         if "strategy" not in widget_inputs(spec):      # FasterDiffusion One-Pass: no key steps to choose
             continue
         strategy = n["widgets_values"][widget_inputs(spec).index("strategy")]
-        assert nodes.NODE_CLASS_MAPPINGS[n["type"]].VALIDATE_INPUTS(strategy=strategy) is True
+        cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
+        validate = getattr(cls, "VALIDATE_INPUTS", None) or cls.validate_inputs     # V1 or V3 (comfy_api) node
+        assert validate(strategy=strategy) is True

@@ -86,7 +86,7 @@ class FDTestTextEncode:
         return (tm.digit_conditioning(clip.tokens, [digit])[0],)
 
 
-class FDStandInVAEDecode:
+class FDTestVAEDecode:
     CATEGORY = "testing/faster_diffusion"
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -100,7 +100,7 @@ class FDStandInVAEDecode:
 
 
 NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=FDTestTextEncode,
-                           FDStandInVAEDecode=FDStandInVAEDecode)
+                           FDTestVAEDecode=FDTestVAEDecode)
 
 
 # Stand-in for UNETLoader ("Load Diffusion Model"): the digits model's committed TiUE student (tools/train_tiue.py),
