@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..fasterdiffusion import parse_strategy
 from ..fasterdiffusion.compare import Comparison, equal_time_steps, psnr, report
 from ..fasterdiffusion.runtime import format_report
-from ..patches.comfy_unet import apply_faster_diffusion, show_on_node
+from ..patches.comfy_unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
 from .apply import FasterDiffusionApply, validate_strategy
 
 log = logging.getLogger("FasterDiffusion")
@@ -66,8 +66,8 @@ class FasterDiffusionCompare(io.ComfyNode):
                 "Runs in the order FasterDiffusion, full, fewer steps, so warm-up costs count against "
                 "FasterDiffusion."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (unpatched: this node adds FasterDiffusion "
-                                                "for its own run only)."),
+                io.Model.Input("model", tooltip="The diffusion model. This node adds FasterDiffusion for its own run "
+                                                "only; an Apply node's hooks on it are taken off for the plain runs."),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
                 io.Latent.Input("latent_image", tooltip="The latent image to denoise (as KSampler, denoise 1)."),
@@ -110,18 +110,22 @@ class FasterDiffusionCompare(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler,
                 strategy, parallel, max_decoder_batch, compare_fewer_steps=True) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        patched, config = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch,
+        plain = without_faster_diffusion(model)
+        if plain is not model:
+            log.info("FasterDiffusion Compare: the input model has FasterDiffusion applied; the plain runs use it "
+                     "without, the FasterDiffusion run with this node's settings")
+        patched, config = apply_faster_diffusion(plain, parse_strategy(strategy), parallel, max_decoder_batch,
                                                  node_id)
-        comfy.model_management.load_models_gpu([model])   # loading the weights is not part of either run's time
+        comfy.model_management.load_models_gpu([plain])   # loading the weights is not part of either run's time
         run = lambda m, n: timed_ksampler(m, seed, n, cfg, sampler_name, scheduler, positive, negative, latent_image)
         faster, faster_s = run(patched, steps)
-        full, full_s = run(model, steps)
+        full, full_s = run(plain, steps)
         full_img, faster_img = decode(vae, full), decode(vae, faster)
         stats = config.reports[-1] if config is not None and config.reports else None
         c = Comparison(strategy, steps, full_s, faster_s, psnr(full_img, faster_img),
                        equal_time_steps(steps, full_s, faster_s), stats.get("cached_calls", 0) if stats else 0)
         if compare_fewer_steps and c.encoder_skips and c.fewer_steps < steps:
-            fewer, c.fewer_seconds = run(model, c.fewer_steps)
+            fewer, c.fewer_seconds = run(plain, c.fewer_steps)
             c.fewer_psnr = psnr(full_img, decode(vae, fewer))
         text = report(c)
         if stats:

@@ -91,6 +91,17 @@ def image_psnr(a, b):
     return 10 * math.log10(1 / torch.mean((a.double() - b.double()) ** 2).item())
 
 
+def test_a_patched_input_model_is_compared_against_its_plain_self(host, pack, digits):
+    """An Apply node upstream must not make the "full" run a FasterDiffusion run; this node's settings win."""
+    model, tok = digits
+    patched, _ = apply(pack, model, "paper")
+    _, full, faster, text = compare(host, (patched, tok), "uniform:3")
+    assert torch.equal(full["samples"], ksampler(host, model, tok))
+    assert torch.equal(faster["samples"], ksampler(host, apply(pack, model, "uniform:3")[0], tok))
+    assert "FasterDiffusion [uniform:3]" in text
+    assert pack.cu.KEY in patched.model_options["transformer_options"]          # the input model is unchanged
+
+
 def test_text_has_times_ratio_psnr_and_an_honest_recommendation(host, digits):
     model, tok = digits
     _, full, _, text = compare(host, digits, "uniform:3")
