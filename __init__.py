@@ -1,10 +1,11 @@
 """FasterDiffusion for ComfyUI: training-free encoder propagation (arXiv 2312.09608).
 
-ComfyUI imports this file from custom_nodes/<pack>/.  The algorithm lives in ``fasterdiffusion/``
-(host-free), the ComfyUI glue in ``patches/comfy_unet.py``, the nodes in ``nodes/``.
+ComfyUI imports this file from custom_nodes/<pack>/ and calls ``comfy_entrypoint`` (the V3 node API; no
+NODE_CLASS_MAPPINGS: ComfyUI takes those first when present).  The algorithm lives in ``fasterdiffusion/``
+(host-free), the ComfyUI glue in ``patches/comfy_unet.py``, the nodes in ``nodes/`` (registered in nodes/__init__.py).
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import comfy_entrypoint
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

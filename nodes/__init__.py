@@ -1,22 +1,26 @@
+"""The pack's nodes, registered with ComfyUI's V3 API: ComfyUI calls ``comfy_entrypoint`` (from the pack's
+__init__.py) and registers every class in NODES under its schema's node_id.  A new node is one line in NODES."""
 from .apply import FasterDiffusionApply
 from .calibrate import FasterDiffusionCalibrate
+from .comfy_v3 import ComfyExtension, io
 from .compare import FasterDiffusionCompare
 from .onepass import FasterDiffusionOnePass
 from .sampler import FasterDiffusionKSampler, FasterDiffusionSampler
 
-NODE_CLASS_MAPPINGS = {
-    "FasterDiffusionApply": FasterDiffusionApply,
-    "FasterDiffusionSampler": FasterDiffusionSampler,
-    "FasterDiffusionKSampler": FasterDiffusionKSampler,
-    "FasterDiffusionCalibrate": FasterDiffusionCalibrate,
-    "FasterDiffusionOnePass": FasterDiffusionOnePass,
-    "FasterDiffusionCompare": FasterDiffusionCompare,   # a V3 node: the host takes it from this V1 mapping
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FasterDiffusionApply": "FasterDiffusion Apply",
-    "FasterDiffusionSampler": "FasterDiffusion Sampler",
-    "FasterDiffusionKSampler": "FasterDiffusion KSampler",
-    "FasterDiffusionCalibrate": "FasterDiffusion Calibrate",
-    "FasterDiffusionOnePass": "FasterDiffusion One-Pass (TiUE)",
-    "FasterDiffusionCompare": "FasterDiffusion Compare",
-}
+NODES: list[type[io.ComfyNode]] = [
+    FasterDiffusionApply,
+    FasterDiffusionSampler,
+    FasterDiffusionKSampler,
+    FasterDiffusionCalibrate,
+    FasterDiffusionOnePass,
+    FasterDiffusionCompare,
+]
+
+
+class FasterDiffusionExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> FasterDiffusionExtension:
+    return FasterDiffusionExtension()

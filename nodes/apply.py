@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from ..fasterdiffusion import StrategyError, parse_strategy
 from ..patches.comfy_unet import apply_faster_diffusion
+from .comfy_v3 import io, node_id
+
+CATEGORY = "sampling/faster_diffusion"
+
 
 def validate_strategy(strategy):
     """ComfyUI's queue-time check: True, or the error text (linked inputs arrive as None; checked when run).
 
-    The nodes' VALIDATE_INPUTS name only ``strategy``: ComfyUI skips its own min/max/list checks for every
-    input a VALIDATE_INPUTS names (for all of them if it takes ``**kwargs``), so it still checks the rest."""
+    The nodes' validate_inputs name only ``strategy``: ComfyUI skips its own min/max/list checks for every
+    input a validate_inputs names (for all of them if it takes ``**kwargs``), so it still checks the rest."""
     if isinstance(strategy, str):
         try:
             parse_strategy(strategy)
@@ -17,45 +21,51 @@ def validate_strategy(strategy):
     return True
 
 
-class FasterDiffusionApply:
-    DESCRIPTION = (
-        "Encoder propagation: at key steps the whole UNet runs and its encoder features are cached; "
-        "at the other steps only the decoder runs, on the cached features with the step's own timestep. "
-        "With 'parallel' the decoders of a key step's whole group run as one batch, which is where the "
-        "GPU speed-up is. Works on SD1.x, SD2.x (eps and v-prediction) and SDXL; any other model passes "
-        "through unchanged with a log line. Samplers that evaluate between schedule points (dpm_2, "
-        "dpmpp_2s_ancestral, dpmpp_sde) run those extra evaluations in full. Stats of each run are "
-        "logged and shown on this node.")
-    CATEGORY = "sampling/faster_diffusion"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with FasterDiffusion hooked in (a clone; the input model is unchanged).",)
-    FUNCTION = "apply"
+def strategy_inputs():
+    """strategy, parallel, max_decoder_batch: the settings every encoder-propagation node shares, in this order."""
+    return [
+        io.String.Input("strategy", default="paper", multiline=False, tooltip=
+            "Which sampling steps are key steps (run the encoder). 'paper' = 0,1,2,3,5,10,15,25,35 "
+            "at 50 steps (cut at the step count when fewer); 'uniform:K' = every K-th step "
+            "(uniform:4 suits community models); 'all' = every step (identical to no patch); "
+            "or a list of 0-based steps like 0,1,2,3,5,10. Steps count within each sampler run."),
+        io.Boolean.Input("parallel", default=True, tooltip=
+            "Run the decoders of a key step's whole group as one batch (exact; the main GPU speed-up). "
+            "Off: one decoder call per step (less memory). Turned off automatically for a run with "
+            "a ControlNet, whose residuals change every step."),
+        io.Int.Input("max_decoder_batch", default=32, min=0, max=4096, tooltip=
+            "Memory cap: most samples in one batched decoder call (a group of 15 steps with CFG is "
+            "30). Larger groups are split into several calls, with identical results. 0 = no cap."),
+    ]
+
+
+class FasterDiffusionApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FasterDiffusionApply",
+            display_name="FasterDiffusion Apply",
+            category=CATEGORY,
+            description=(
+                "Encoder propagation: at key steps the whole UNet runs and its encoder features are cached; "
+                "at the other steps only the decoder runs, on the cached features with the step's own timestep. "
+                "With 'parallel' the decoders of a key step's whole group run as one batch, which is where the "
+                "GPU speed-up is. Works on SD1.x, SD2.x (eps and v-prediction) and SDXL; any other model passes "
+                "through unchanged with a log line. Samplers that evaluate between schedule points (dpm_2, "
+                "dpmpp_2s_ancestral, dpmpp_sde) run those extra evaluations in full. Stats of each run are "
+                "logged and shown on this node."),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to speed up (SD1.x, SD2.x or SDXL UNet)."),
+                    *strategy_inputs()],
+            outputs=[io.Model.Output(tooltip="The model with FasterDiffusion hooked in (a clone; the input model "
+                                             "is unchanged).")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to speed up (SD1.x, SD2.x or SDXL UNet)."}),
-                "strategy": ("STRING", {"default": "paper", "multiline": False, "tooltip":
-                    "Which sampling steps are key steps (run the encoder). 'paper' = 0,1,2,3,5,10,15,25,35 "
-                    "at 50 steps (cut at the step count when fewer); 'uniform:K' = every K-th step "
-                    "(uniform:4 suits community models); 'all' = every step (identical to no patch); "
-                    "or a list of 0-based steps like 0,1,2,3,5,10. Steps count within each sampler run."}),
-                "parallel": ("BOOLEAN", {"default": True, "tooltip":
-                    "Run the decoders of a key step's whole group as one batch (exact; the main GPU speed-up). "
-                    "Off: one decoder call per step (less memory). Turned off automatically for a run with "
-                    "a ControlNet, whose residuals change every step."}),
-                "max_decoder_batch": ("INT", {"default": 32, "min": 0, "max": 4096, "tooltip":
-                    "Memory cap: most samples in one batched decoder call (a group of 15 steps with CFG is "
-                    "30). Larger groups are split into several calls, with identical results. 0 = no cap."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, strategy=None):
+    def validate_inputs(cls, strategy=None):
         return validate_strategy(strategy)
 
-    def apply(self, model, strategy="paper", parallel=True, max_decoder_batch=32, unique_id=None):
-        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, unique_id)
-        return (patched,)
+    @classmethod
+    def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32) -> io.NodeOutput:
+        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, node_id(cls))
+        return io.NodeOutput(patched)

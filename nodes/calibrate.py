@@ -12,6 +12,8 @@ from ..fasterdiffusion import choose_keys, keys_for_cost, make_plan, plan_drift
 from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
+from .apply import CATEGORY
+from .comfy_v3 import Choice, io, node_id
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -32,47 +34,56 @@ def sampler_problem(sampler_name):
             f"evaluates on the schedule: {', '.join(SUPPORTED)}.")
 
 
-class FasterDiffusionCalibrate:
-    DESCRIPTION = ("Runs one full sampling pass with these settings, measures how much the UNet encoder's "
-                   "features change from step to step, and chooses the key steps that keep the decoder's "
-                   "view least stale for the given number of encoder passes. Connect its strategy output to "
-                   "a FasterDiffusion node's strategy input (convert the widget to an input), or copy the text. "
-                   "Deterministic for the same inputs.")
-    CATEGORY = "sampling/faster_diffusion"
-    RETURN_TYPES = ("STRING", "LATENT")
-    RETURN_NAMES = ("strategy", "full_run")
-    OUTPUT_TOOLTIPS = ("The calibrated key steps, as a strategy string.",
-                       "The latent of the full sampling pass it measured (the baseline to compare against).")
-    FUNCTION = "calibrate"
+class FasterDiffusionCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FasterDiffusionCalibrate",
+            display_name="FasterDiffusion Calibrate",
+            category=CATEGORY,
+            description=("Runs one full sampling pass with these settings, measures how much the UNet encoder's "
+                         "features change from step to step, and chooses the key steps that keep the decoder's "
+                         "view least stale for the given number of encoder passes. Connect its strategy output to "
+                         "a FasterDiffusion node's strategy input (convert the widget to an input), or copy the text. "
+                         "Deterministic for the same inputs."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to calibrate for."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Noise seed of the measuring pass."),
+                io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Steps of the sampler you will use."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale."),
+                Choice("sampler_name", options=SUPPORTED, tooltip=
+                    "The sampler you will use (every stock sampler except dpm_fast and dpm_adaptive, which never "
+                    "step on the schedule)."),
+                Choice("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                               tooltip="The scheduler you will use."),
+                io.Conditioning.Input("positive", tooltip="A representative prompt."),
+                io.Conditioning.Input("negative", tooltip="Its negative prompt."),
+                io.Latent.Input("latent_image", tooltip="The latent size you will sample at."),
+                io.Int.Input("key_steps", default=7, min=1, max=1000, tooltip=
+                    "Budget: how many steps run the encoder (the paper uses 9 of 50, 7 of 20)."),
+                io.Float.Input("target_cost", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=
+                    "Budget as predicted UNet FLOPs relative to running every step in full (e.g. 0.8); when above "
+                    "0 it replaces key_steps. Uses the encoder's FLOP share measured on this model."),
+            ],
+            outputs=[
+                io.String.Output("strategy", display_name="strategy",
+                                 tooltip="The calibrated key steps, as a strategy string."),
+                io.Latent.Output("full_run", display_name="full_run", tooltip=
+                                 "The latent of the full sampling pass it measured (the baseline to compare against)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to calibrate for."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Noise seed of the measuring pass."}),
-            "steps": ("INT", {"default": 20, "min": 2, "max": 1000, "tooltip": "Steps of the sampler you will use."}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": "Guidance scale."}),
-            "sampler_name": (SUPPORTED, {"tooltip": "The sampler you will use (every stock sampler except "
-                                                    "dpm_fast and dpm_adaptive, which never step on the schedule)."}),
-            "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"tooltip": "The scheduler you will use."}),
-            "positive": ("CONDITIONING", {"tooltip": "A representative prompt."}),
-            "negative": ("CONDITIONING", {"tooltip": "Its negative prompt."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent size you will sample at."}),
-            "key_steps": ("INT", {"default": 7, "min": 1, "max": 1000, "tooltip":
-                "Budget: how many steps run the encoder (the paper uses 9 of 50, 7 of 20)."}),
-            "target_cost": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                "Budget as predicted UNet FLOPs relative to running every step in full (e.g. 0.8); when above "
-                "0 it replaces key_steps. Uses the encoder's FLOP share measured on this model."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, sampler_name=None):   # only this one: the host checks the rest
+    def validate_inputs(cls, sampler_name=None):   # only this one: the host checks the rest
         if sampler_name is None:      # a linked input: checked when the node runs
             return True
         return sampler_problem(sampler_name) or True
 
-    def calibrate(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
-                  target_cost=0.0, unique_id=None):
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
+                target_cost=0.0) -> io.NodeOutput:
         if problem := sampler_problem(sampler_name):
             raise ValueError(problem)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
@@ -94,7 +105,7 @@ class FasterDiffusionCalibrate:
                 f"{plan_drift(drift, keys, n):.3g} (uniform:{uniform_k} {plan_drift(drift, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "
                 f"paper {plan_drift(drift, make_plan('paper', n).keys, n):.3g})")
         log.info(text)
-        show_on_node(unique_id, text)
+        show_on_node(node_id(cls), text)
         out = latent_image.copy()
         out["samples"] = samples
-        return strategy, out
+        return io.NodeOutput(strategy, out)

@@ -1,7 +1,4 @@
-"""FasterDiffusion Compare: the plain run and the FasterDiffusion run on one seed, timed, side by side.
-
-A V3 node (comfy_api.latest); ComfyUI 0.3.75 and later also take V3 classes from a pack's NODE_CLASS_MAPPINGS.
-"""
+"""FasterDiffusion Compare: the plain run and the FasterDiffusion run on one seed, timed, side by side."""
 from __future__ import annotations
 
 import logging
@@ -12,22 +9,16 @@ import torch
 import comfy.model_management
 import comfy.samplers
 import nodes as host_nodes
-from comfy_api.latest import io
 
 from ..fasterdiffusion import parse_strategy
 from ..fasterdiffusion.compare import Comparison, equal_time_steps, psnr, report
 from ..fasterdiffusion.runtime import format_report
 from ..patches.comfy_unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
-from .apply import FasterDiffusionApply, validate_strategy
+from .apply import CATEGORY, strategy_inputs, validate_strategy
+from .comfy_v3 import Choice, io, node_id
 
 log = logging.getLogger("FasterDiffusion")
 DIFF_GAIN = 4.0   # the difference panel shows |full - faster| x 4: small differences stay visible, none are invented
-
-
-def from_v1(name, spec):
-    """A V3 input from the V1 spec of the Apply node, so every node shows the same strategy widget."""
-    kind, options = spec
-    return {"STRING": io.String, "BOOLEAN": io.Boolean, "INT": io.Int}[kind].Input(name, **options)
 
 
 def sync():
@@ -53,11 +44,10 @@ def decode(vae, latent):
 class FasterDiffusionCompare(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        apply = FasterDiffusionApply.INPUT_TYPES()["required"]
         return io.Schema(
             node_id="FasterDiffusionCompare",
             display_name="FasterDiffusion Compare",
-            category="sampling/faster_diffusion",
+            category=CATEGORY,
             description=(
                 "Runs the same seed through the plain sampler (as KSampler) and through FasterDiffusion (as "
                 "FasterDiffusion Apply + KSampler), times both, and shows full | FasterDiffusion | difference "
@@ -77,14 +67,12 @@ class FasterDiffusionCompare(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                Choice("sampler_name", options=comfy.samplers.SAMPLER_NAMES,
                                tooltip="The sampler (any: as with the Apply node, off-schedule evaluations run "
                                        "in full)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                Choice("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
                                tooltip="How the noise levels are spaced."),
-                from_v1("strategy", apply["strategy"]),
-                from_v1("parallel", apply["parallel"]),
-                from_v1("max_decoder_batch", apply["max_decoder_batch"]),
+                *strategy_inputs(),
                 io.Boolean.Input("compare_fewer_steps", default=True, tooltip=(
                     "Also run the plain sampler with round(steps x measured time ratio) steps, which costs about "
                     "what FasterDiffusion cost, and compare its PSNR: the honest baseline. Off: only state that "
@@ -109,13 +97,12 @@ class FasterDiffusionCompare(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler,
                 strategy, parallel, max_decoder_batch, compare_fewer_steps=True) -> io.NodeOutput:
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
         plain = without_faster_diffusion(model)
         if plain is not model:
             log.info("FasterDiffusion Compare: the input model has FasterDiffusion applied; the plain runs use it "
                      "without, the FasterDiffusion run with this node's settings")
         patched, config = apply_faster_diffusion(plain, parse_strategy(strategy), parallel, max_decoder_batch,
-                                                 node_id)
+                                                 node_id(cls))
         comfy.model_management.load_models_gpu([plain])   # loading the weights is not part of either run's time
         run = lambda m, n: timed_ksampler(m, seed, n, cfg, sampler_name, scheduler, positive, negative, latent_image)
         faster, faster_s = run(patched, steps)
@@ -131,6 +118,6 @@ class FasterDiffusionCompare(io.ComfyNode):
         if stats:
             text += "\n" + format_report(stats)
         log.info(text)
-        show_on_node(node_id, text)
+        show_on_node(node_id(cls), text)
         diff = ((full_img - faster_img).abs() * DIFF_GAIN).clamp(0, 1)
         return io.NodeOutput(torch.cat([full_img, faster_img, diff], dim=2), full, faster, text)

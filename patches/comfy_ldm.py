@@ -9,7 +9,12 @@ line for line, so the decoder run on freshly computed features equals the host's
 """
 from __future__ import annotations
 
+import ast
+import builtins
+import functools
+import inspect
 import logging
+import textwrap
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,7 +32,71 @@ def unsupported_reason(unet) -> str | None:
         return f"{type(unet).__name__} is not ComfyUI's UNetModel (SD1.x, SD2.x, SDXL)"
     if getattr(unet, "use_temporal_resblocks", False):
         return "video UNets (SVD) are not supported yet"
-    return None
+    return host_forward_difference()
+
+
+# --------------------------------------------------------------------------------------------------
+# Is the host's forward still the one mirrored below?
+# --------------------------------------------------------------------------------------------------
+
+# What UNetModel._forward of ComfyUI 0.3.75 touches (forward_outline of its source).  A host whose forward
+# reads another attribute, calls another helper or reads another options/patch key does something the split
+# below does not: such a model runs unpatched, with one log line, rather than giving a different image.
+MIRRORED_FORWARD = {
+    "self": {"default_num_video_frames", "id_predictor", "input_blocks", "label_emb", "middle_block", "model_channels",
+             "num_classes", "out", "output_blocks", "predict_codebook_ids", "time_embed"},
+    "calls": {"apply_control", "forward_timestep_embed", "timestep_embedding"},
+    "keys": {"block", "emb_patch", "image_only_indicator", "input_block_patch", "input_block_patch_after_skip",
+             "num_video_frames", "original_shape", "output_block_patch", "patches", "time_context",
+             "transformer_index"},
+}
+
+
+def forward_outline(source: str) -> dict[str, set[str]]:
+    """The attributes of ``self``, module functions and string keys a forward's source uses (formatting and
+    comments do not count)."""
+    tree = ast.parse(textwrap.dedent(source))
+    local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    out = {"self": set(), "calls": set(), "keys": set()}
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            out["self"].add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id not in local and not hasattr(builtins, node.func.id):
+                out["calls"].add(node.func.id)
+        elif isinstance(node, ast.Subscript):
+            key = node.slice                                               # options["key"]
+        elif isinstance(node, ast.Compare):
+            key = node.left                                                # "key" in options
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            key = node.args[0] if node.args else None                      # options.get("key", ...)
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            out["keys"].add(key.value)
+    return out
+
+
+def forward_difference(source: str) -> str | None:
+    """How a forward's outline differs from the mirrored one, in words, or None."""
+    outline = forward_outline(source)
+    diffs = []
+    for kind, mirrored in MIRRORED_FORWARD.items():
+        for verb, names in (("uses", outline[kind] - mirrored), ("no longer uses", mirrored - outline[kind])):
+            if names:
+                diffs.append(f"{verb} {kind} {', '.join(sorted(names))}")
+    if not diffs:
+        return None
+    return ("this ComfyUI's UNetModel._forward differs from the one FasterDiffusion mirrors (ComfyUI 0.3.75): "
+            + "; ".join(diffs) + ". Update FasterDiffusion, or report it with your ComfyUI version")
+
+
+@functools.cache
+def host_forward_difference() -> str | None:
+    try:
+        source = inspect.getsource(getattr(UNetModel, "_forward", UNetModel.forward))
+    except (OSError, TypeError):         # no source shipped (a frozen build): nothing to compare, trust the tests
+        return None
+    return forward_difference(source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +208,8 @@ class LdmUNetAdapter:
 
     def decode(self, call: ModelCall, features: Features, emb):
         h = call.host
+        if call.x is not None:   # a step's own call skips the encoder, which sets this for attention patches
+            h.to["original_shape"] = list(call.x.shape)   # (ToMe, HyperTile); tiled calls carry their own
         return run_decoder(self.unet, features, emb, call.context, h.control, h.to, h.kwargs)
 
     def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:

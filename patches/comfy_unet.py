@@ -55,13 +55,28 @@ def sampler_bypass_reason(sampler) -> str | None:
     return bypass_reason(getattr(getattr(sampler, "sampler_function", None), "__name__", ""))
 
 
+def host_feature_reason(model_options) -> str | None:
+    """Why a host feature on the model rules encoder propagation out for the run, or None.  EasyCache and
+    LazyCache (either order of nodes) skip whole steps by their own measure: stacked on encoder propagation
+    each would approximate the other's approximation.  TorchCompileModel compiles the UNet's forward with
+    our hook inside it."""
+    holder = model_options.get("transformer_options", {}).get("easycache")
+    if holder is not None:
+        name = getattr(holder, "name", "EasyCache")
+        return f"{name} is also applied to this model: every step ran in full, {name} alone decides what to skip"
+    if model_options.get("torch_compile_kwargs") is not None:     # set by ComfyUI's TorchCompileModel
+        return ("TorchCompileModel compiled the whole UNet, which per-step encoder skipping would recompile at "
+                "every step: every step ran in full (compiled)")
+    return None
+
+
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
               bypass: str | None = None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
     for callers that hooked in without the Apply node)."""
     flat = sigmas.flatten()
     run = Run(config.run_config, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
-              bypass or sampler_bypass_reason(sampler))
+              bypass or sampler_bypass_reason(sampler) or host_feature_reason(model_options))
     if run.plan.ignored:
         log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
                     run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
@@ -107,7 +122,8 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     if run is None or unet_unsupported_reason(unet) or "multigpu_thread_device" in to:
         return full()
     sigmas = to.get("sigmas")
-    step = None if sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
+    # a bypassed run places no call: reading the sigma would make torch.compile recompile at every step
+    step = None if run.bypass or sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
     call = make_call(x, timesteps, context, y, control, to, kwargs, call_slot(x, to))
     return run.forward(LdmUNetAdapter(unet), call, step, full)
 
@@ -181,9 +197,6 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
     if isinstance(m.model_options["transformer_options"].get(KEY), FasterDiffusionConfig):
         log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
         remove_hooks(m)
-    if m.get_wrappers(WRAP.DIFFUSION_MODEL, "easycache"):
-        log.warning("FasterDiffusion: EasyCache/LazyCache is also applied to this model; both skip work "
-                    "at the same steps in different ways, and the combination is untested")
     config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id)
     m.model_options["transformer_options"][KEY] = config
     m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)

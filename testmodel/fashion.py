@@ -44,13 +44,16 @@ def fashion_model_config():
     return mc
 
 
-def load_fashion_model(path: Path = WEIGHTS, device=None):
-    """(ModelPatcher, class_tokens[11, T, D]) of the trained Fashion-MNIST model."""
+def load_fashion_model(path: Path = WEIGHTS, device=None, dtype=None):
+    """(ModelPatcher, class_tokens[11, T, D]) of the trained Fashion-MNIST model (fp32 unless ``dtype``)."""
     import comfy.utils
     import testmodel as tm
     sd = comfy.utils.load_torch_file(str(path))
     tokens = sd.pop("cond.class_tokens").float()
-    return tm.build_model_patcher(fashion_model_config(), {k: v.float() for k, v in sd.items()}, device=device), tokens
+    config = fashion_model_config()
+    if dtype is not None:
+        config.set_inference_dtype(dtype, None)
+    return tm.build_model_patcher(config, {k: v.float() for k, v in sd.items()}, device=device), tokens
 
 
 def fashion_dataset(split: str = "train"):

@@ -55,7 +55,7 @@ def digits(comfy):
 
 def apply(pack, model, strategy="paper", parallel=True, max_decoder_batch=32):
     """Run the Apply node as ComfyUI would; returns (patched model, its config for reading stats)."""
-    (patched,) = pack.Apply().apply(model, strategy, parallel, max_decoder_batch)
+    (patched,) = pack.Apply.execute(model, strategy, parallel, max_decoder_batch)
     return patched, patched.model_options["transformer_options"].get(pack.cu.KEY)
 
 

@@ -11,12 +11,12 @@ from fasterdiffusion import make_plan, parse_strategy, plan_drift
 @pytest.fixture(scope="module")
 def calibrate(pack):
     import nodes
-    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]()
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
 
     def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7), target_cost=0.0):
         pos, neg = tm.digit_conditioning(tok, list(digits))
         latent = {"samples": torch.zeros(len(digits), 4, 8, 8)}
-        return node.calibrate(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps, target_cost)
+        return node.execute(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps, target_cost)
     return run
 
 
@@ -68,6 +68,7 @@ def test_samplers_off_the_schedule_are_refused_up_front(calibrate, digits, sampl
         calibrate(*digits, sampler=sampler)
     assert f"'{sampler}'" in str(e.value) and "euler, " in str(e.value) and "dpm_fast," not in str(e.value)
     node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
-    assert node.VALIDATE_INPUTS(sampler_name=sampler) == str(e.value), "refused at queue time too"
-    assert node.VALIDATE_INPUTS(sampler_name="dpmpp_2m") is True
-    assert sampler not in node.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert node.validate_inputs(sampler_name=sampler) == str(e.value), "refused at queue time too"
+    assert node.validate_inputs(sampler_name="dpmpp_2m") is True
+    options = node.INPUT_TYPES()["required"]["sampler_name"][1]["options"]
+    assert sampler not in options and "dpmpp_2m" in options

@@ -28,21 +28,21 @@ def test_node_is_registered_with_tooltips(pack):
     assert list(spec) == ["model", "strategy", "parallel", "max_decoder_batch"]
     assert all(opts.get("tooltip") for _, opts in spec.values())
     assert spec["strategy"][1]["default"] == "paper" and spec["parallel"][1]["default"] is True
-    assert pack.Apply.RETURN_TYPES == ("MODEL",) and pack.Apply.OUTPUT_TOOLTIPS
+    assert list(pack.Apply.RETURN_TYPES) == ["MODEL"] and pack.Apply.OUTPUT_TOOLTIPS
 
 
 def test_bad_strategy_is_refused_with_the_grammar(pack, digits):
-    msg = pack.Apply.VALIDATE_INPUTS(strategy="1,2")
+    msg = pack.Apply.validate_inputs(strategy="1,2")
     assert "step 0 must be a key step" in msg and "uniform:K" in msg
-    assert pack.Apply.VALIDATE_INPUTS(strategy="uniform:4") is True
+    assert pack.Apply.validate_inputs(strategy="uniform:4") is True
     with pytest.raises(ValueError, match="'uniform:zero'"):
-        pack.Apply().apply(digits[0], "uniform:zero", True, 32)
+        pack.Apply.execute(digits[0], "uniform:zero", True, 32)
 
 
 def test_other_model_classes_pass_through_with_one_log_line(pack, caplog):
     model = tm.flux_tiny_model()
     with caplog.at_level(logging.INFO):
-        (out,) = pack.Apply().apply(model, "paper", True, 32)
+        (out,) = pack.Apply.execute(model, "paper", True, 32)
     assert out is model and not model.wrappers
     lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
     assert lines == ["FasterDiffusion: passing the model through unchanged: "

@@ -163,7 +163,7 @@ def run_node(node, model, positive, batch, seed=3, k=4, cap=32, caplog=None):
     latent = {"samples": torch.zeros(batch, 4, tm.LATENT_SIZE, tm.LATENT_SIZE)}
     with caplog.at_level(logging.INFO, logger="FasterDiffusion"):
         caplog.clear()
-        (out,) = node().generate(model, positive, latent, seed, k, cap)
+        (out,) = node.execute(model, positive, latent, seed, k, cap)
     texts = [r.getMessage() for r in caplog.records if "One-Pass" in r.getMessage()]
     assert len(texts) == 1
     return out["samples"], texts[0]
@@ -192,7 +192,7 @@ def test_a_non_empty_latent_enters_in_the_models_latent_format(pack, onepass, di
     image = torch.rand(2, 4, tm.LATENT_SIZE, tm.LATENT_SIZE, generator=torch.Generator().manual_seed(3)) * 20
     latent = {"samples": image, "batch_index": [5, 1]}
     with caplog.at_level(logging.INFO, logger="FasterDiffusion"):
-        (out,) = node().generate(model, pos, latent, 9, 4, 32)
+        (out,) = node.execute(model, pos, latent, 9, 4, 32)
     noise = comfy.sample.prepare_noise(image, 9, [5, 1])
     sigma_max = float(model.get_model_object("model_sampling").sigma_max)
     z_k = noise + model.model.process_latent_in(image) / sigma_max
@@ -233,13 +233,13 @@ def test_bad_k_and_unservable_models_are_refused(onepass, digits):
     assert (spec["min"], spec["max"], spec["default"]) == (2, 100, 4)
     for k in (0, 1, 101):
         with pytest.raises(engine.OnePassError, match="K must be"):
-            node().generate(model, pos, latent, 0, k)
+            node.execute(model, pos, latent, 0, k)
     with pytest.raises(engine.OnePassError, match="SD-architecture UNets"):
-        node().generate(tm.flux_tiny_model(), pos, latent, 0, 4)
+        node.execute(tm.flux_tiny_model(), pos, latent, 0, 4)
     import comfy_extras.nodes_model_advanced as adv
     (lcm,) = adv.ModelSamplingDiscrete().patch(model, "lcm", False)
     with pytest.raises(engine.OnePassError, match="schedule"):
-        node().generate(lcm, pos, latent, 0, 4)
+        node.execute(lcm, pos, latent, 0, 4)
     assert all(v[1].get("tooltip") for v in node.INPUT_TYPES()["required"].values())
 
 

@@ -26,8 +26,8 @@ def fd_ksampler(nodes_, model, tok, sampler="euler", alpha=0.0, strategy="paper"
                 digits=(3, 8), seed=0, denoise=1.0, latent=None, scheduler="normal", threshold=500.0):
     pos, neg = tm.digit_conditioning(tok, list(digits))
     latent = {"samples": torch.zeros(len(digits), 4, 8, 8) if latent is None else latent}
-    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
-    (out,) = node.sample(model, seed, STEPS, 3.0, sampler, scheduler, pos, neg, latent, denoise, strategy, parallel,
+    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
+    (out,) = node.execute(model, seed, STEPS, 3.0, sampler, scheduler, pos, neg, latent, denoise, strategy, parallel,
                          cap, alpha, threshold)
     return out["samples"]
 
@@ -44,7 +44,8 @@ def test_nodes_are_registered(nodes_):
     for name in ("FasterDiffusionSampler", "FasterDiffusionKSampler"):
         spec = nodes_.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]
         assert all(opts.get("tooltip") for _, opts in spec.values()), name
-        assert "heun" not in spec["sampler_name"][0] and "euler" in spec["sampler_name"][0]
+        options = spec["sampler_name"][1]["options"]        # a V3 combo: ("COMBO", {"options": [...]})
+        assert "heun" not in options and "euler" in options
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
@@ -57,7 +58,7 @@ def test_alpha_zero_equals_the_apply_node_path(nodes_, pack, digits, sampler):
 def test_sampler_node_in_sampler_custom(nodes_, pack, digits):
     from comfy_extras.nodes_custom_sampler import SamplerCustom
     model, tok = digits
-    (sampler,) = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]().get_sampler(
+    (sampler,) = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"].execute(
         "dpmpp_2m", "paper", True, 32, 0.0, 500.0)
     import comfy.samplers
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", STEPS)
@@ -113,7 +114,7 @@ def test_injection_equals_hand_computation(nodes_, pack, digits, sampler, schedu
 
 def test_injected_steps_are_the_late_ones(nodes_, digits):
     model, tok = digits
-    sampler = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]().get_sampler("euler", "paper", True, 32, 0.003, 500.0)[0]
+    sampler = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"].execute("euler", "paper", True, 32, 0.003, 500.0)[0]
     import comfy.sample
     import comfy.samplers
     ms = model.get_model_object("model_sampling")
@@ -138,12 +139,12 @@ def test_batch_does_not_change_a_sample(nodes_, digits):
     import comfy.sample
     import comfy.samplers
     model, tok = digits
-    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]()
+    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
     noises = [comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), s) for s in (21, 22, 23)]
 
     def run(digits_, noise):
-        sampler = node.get_sampler("euler", "paper", True, 32, 0.003, 500.0)[0]
+        sampler = node.execute("euler", "paper", True, 32, 0.003, 500.0)[0]
         return comfy.sample.sample_custom(model, noise, 3.0, sampler, sigmas, *tm.digit_conditioning(tok, digits_),
                                           torch.zeros_like(noise), disable_pbar=True, seed=0)
     batch = run([4, 5, 6], torch.cat(noises))
@@ -172,7 +173,7 @@ def test_unsupported_settings_are_refused_clearly(nodes_, digits):
 def test_sampler_settings_win_over_an_apply_node(nodes_, pack, digits):
     model, tok = digits
     patched, apply_config = apply(pack, model, "all")
-    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    node = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     assert torch.equal(fd_ksampler(nodes_, patched, tok, alpha=0.003), fd_ksampler(nodes_, model, tok, alpha=0.003))
     assert apply_config.reports == [], "the Apply node's run was taken over, so it reports nothing"
 
@@ -182,7 +183,7 @@ def test_interrupt_leaves_no_state_behind(nodes_, digits):
     import comfy.sample
     import comfy.samplers
     model, tok = digits
-    sampler = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]().get_sampler("euler", "paper", True, 32, 0.003, 500.0)[0]
+    sampler = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"].execute("euler", "paper", True, 32, 0.003, 500.0)[0]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
     pos, neg = tm.digit_conditioning(tok, [7])
     latent = torch.zeros(1, 4, 8, 8)
@@ -201,7 +202,7 @@ def test_interrupt_leaves_no_state_behind(nodes_, digits):
     assert repr(model.model_options) == options_before
     assert sampler.config.reports[-1]["cached_calls"] == 4  # steps 4, 6, 7, 8 were served before the stop
     after = comfy.sample.sample_custom(model, noise, 3.0, sampler, sigmas, pos, neg, latent, disable_pbar=True, seed=0)
-    fresh = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"]().get_sampler("euler", "paper", True, 32, 0.003, 500.0)[0]
+    fresh = nodes_.NODE_CLASS_MAPPINGS["FasterDiffusionSampler"].execute("euler", "paper", True, 32, 0.003, 500.0)[0]
     assert torch.equal(after, comfy.sample.sample_custom(model, noise, 3.0, fresh, sigmas, pos, neg, latent,
                                                          disable_pbar=True, seed=0))
 

@@ -113,7 +113,7 @@ def compare_graph(strategy):
 
 
 def test_compare_node_over_http(server):
-    """The V3 Compare node from the pack's V1 mapping: listed, run, its report shown on the node, image saved."""
+    """The Compare node in the server: listed, run, its report shown on the node, its image saved."""
     url, base = server
     info = requests.get(url + "/object_info/FasterDiffusionCompare", timeout=10).json()["FasterDiffusionCompare"]
     assert info["display_name"] == "FasterDiffusion Compare"

@@ -59,3 +59,14 @@ def test_shared_documents_round_trip_and_malformed_ones_are_refused(tmp_path):
     assert js["back"] == "0,1,2,3,5,10,15" and js["strategyOnly"] == "uniform:3"
     assert all(js["errors"]), js["errors"]
     assert "step 0 must be a key step" in js["errors"][2]
+
+
+def test_predicted_gpu_time_matches_the_editor(tmp_path):
+    """The editor's 'SD1.5 GPU time with parallel decoders' and the engine's predicted_gpu_fraction agree."""
+    from fasterdiffusion import predicted_gpu_fraction
+    js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(CASES)}.map(([t, n]) => "
+                          "s.predictedCost(s.keySteps(t, n), n).gpu)));")
+    for (text, n), gpu in zip(CASES, js):
+        assert predicted_gpu_fraction(make_plan(text, n)) == pytest.approx(gpu, rel=1e-12), (text, n)
+    assert predicted_gpu_fraction(make_plan("all", 50)) == pytest.approx(1.0)
+    assert 0.2 < predicted_gpu_fraction(make_plan("paper", 50)) < 0.26      # gpu.md: PEP, paper keys 0.232

@@ -7,6 +7,17 @@ import pytest
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 
 
+WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+
+
+def widget_values(spec, values):
+    """(name, type, options, value) per widget of a saved node, paired as the frontend pairs them: by position."""
+    specs = {**spec.get("required", {}), **spec.get("optional", {})}
+    names = [n for n in widget_inputs(spec) if n != "control_after_generate"]
+    values = [v for n, v in zip(widget_inputs(spec), values) if n != "control_after_generate"]
+    return [(n, specs[n][0], specs[n][1] if len(specs[n]) > 1 else {}, v) for n, v in zip(names, values)]
+
+
 def widget_inputs(spec):
     """Names of the inputs the frontend shows as widgets, in order (plus KSampler's hidden seed control)."""
     names = []
@@ -47,9 +58,14 @@ def test_workflow_matches_node_definitions(all_nodes, path):
     assert fd, "every example shows a FasterDiffusion node"
     for n in fd:
         spec = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        for name, typ, opts, value in widget_values(spec, n["widgets_values"]):    # a reordered widget shows here
+            if typ == "COMBO" or isinstance(typ, list):
+                assert value in (typ if isinstance(typ, list) else opts["options"]), (n["type"], name, value)
+            else:
+                assert isinstance(value, WIDGET_TYPES[typ]) and not (typ != "BOOLEAN" and isinstance(value, bool)), \
+                    (n["type"], name, value)
+                assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)
         if "strategy" not in widget_inputs(spec):      # FasterDiffusion One-Pass: no key steps to choose
             continue
         strategy = n["widgets_values"][widget_inputs(spec).index("strategy")]
-        cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
-        validate = getattr(cls, "VALIDATE_INPUTS", None) or cls.validate_inputs     # V1 or V3 (comfy_api) node
-        assert validate(strategy=strategy) is True
+        assert nodes.NODE_CLASS_MAPPINGS[n["type"]].validate_inputs(strategy=strategy) is True

@@ -138,12 +138,12 @@ def injection_table(steps, sampler, cfg):
     digits = [d for d in range(10) for _ in range(10)]
     pos, neg = tm.digit_conditioning(tokens, digits)
     latent = {"samples": __import__("torch").zeros(len(digits), 4, tm.LATENT_SIZE, tm.LATENT_SIZE)}
-    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     runs = {"baseline (strategy all)": ("all", 0.0), "FD paper": ("paper", 0.0), "FD paper + injection": ("paper", 0.003)}
     images = {}
     for i, (label, (strategy, alpha)) in enumerate(runs.items()):
         progress(f"injection table: run {i + 1} of {len(runs)} ({label})")
-        (out,) = node.sample(model, 5, steps, cfg, sampler, "normal", pos, neg, latent, 1.0, strategy, True, 0, alpha, 500.0)
+        (out,) = node.execute(model, 5, steps, cfg, sampler, "normal", pos, neg, latent, 1.0, strategy, True, 0, alpha, 500.0)
         images[label] = tm.decode(out["samples"])
     base = images["baseline (strategy all)"]
     print(f"\n== prior noise injection (alpha 0.003, t < 500), digits model, {len(digits)} samples, {steps} steps "
@@ -211,7 +211,7 @@ def main():
         timed_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
         variants = {"baseline": timed_model}
         for label, parallel in (("EP", False), ("EP+parallel", True)):
-            (variants[label],) = Apply().apply(timed_model, args.strategy, parallel, args.max_decoder_batch)
+            (variants[label],) = Apply.execute(timed_model, args.strategy, parallel, args.max_decoder_batch)
         config = variants["EP+parallel"].model_options["transformer_options"][cu.KEY]
         latent = torch.zeros(batch, 4, size, size)
         noise = comfy.sample.prepare_noise(latent, 42)

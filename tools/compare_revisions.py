@@ -30,7 +30,14 @@ def load_old(path: str):
     d.symlink_to(Path(path).resolve(), target_is_directory=True)
     if not asyncio.run(nodes.load_custom_node(str(d))):
         raise SystemExit(f"ComfyUI could not load the old pack at {path}")
-    return sys.modules[str(d).replace(".", "_x_")].NODE_CLASS_MAPPINGS["FasterDiffusionApply"]
+    # a V1 revision exports NODE_CLASS_MAPPINGS; a V3 one registered its nodes into ComfyUI's (replacing ours there)
+    module = sys.modules[str(d).replace(".", "_x_")]
+    return getattr(module, "NODE_CLASS_MAPPINGS", nodes.NODE_CLASS_MAPPINGS)["FasterDiffusionApply"]
+
+
+def run_apply(apply_cls, *args):
+    """The Apply node of either API: V3 (a classmethod ``execute``) or V1 (an instance method ``apply``)."""
+    return apply_cls.execute(*args)[0] if hasattr(apply_cls, "define_schema") else apply_cls().apply(*args)[0]
 
 
 def main():
@@ -57,7 +64,7 @@ def main():
         for parallel in (False, True):
             for tag, apply_cls in (("old", old_apply), ("new", new_apply)):
                 label = f"{tag} {'EP+parallel' if parallel else 'EP'}"
-                variants[label] = apply_cls().apply(model, args.strategy, parallel, 32)[0]
+                variants[label] = run_apply(apply_cls, model, args.strategy, parallel, 32)
         times = {k: [] for k in variants}
         outs = {}
         for _ in range(args.repeats + 1):          # the first round warms up

@@ -79,7 +79,7 @@ def main():
     runs = {"baseline": model}
     configs = {}
     for name, parallel in (("FD parallel", True), ("FD sequential", False)):
-        (runs[name],) = Apply().apply(model, args.strategy, parallel, 0)   # no cap: 20 digits x CFG x 15 steps is small
+        (runs[name],) = Apply.execute(model, args.strategy, parallel, 0)   # no cap: 20 digits x CFG x 15 steps is small
         configs[name] = runs[name].model_options["transformer_options"]["faster_diffusion"]
 
     times = {k: [] for k in runs}

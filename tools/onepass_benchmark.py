@@ -71,8 +71,8 @@ def main():
     qb = quality_module()
     features, real = qb.feature_space()
     teacher, tokens = tm.load_test_model()
-    one_pass_node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionOnePass"]()
-    fd_ksampler = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    one_pass_node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionOnePass"]
+    fd_ksampler = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     digits = [d % 10 for d in range(args.samples)]
 
     def latent(n):
@@ -85,14 +85,14 @@ def main():
     def fd(steps, strategy, cfg=3.0):
         def run(digs, seed):
             pos, neg = tm.digit_conditioning(tokens, digs)
-            return fd_ksampler.sample(teacher, seed, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent(len(digs)), 1.0,
+            return fd_ksampler.execute(teacher, seed, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent(len(digs)), 1.0,
                                       strategy, True, 0, 0.0, 500.0)[0]["samples"]
         return run
 
     def one_pass(model, k=4):
         def run(digs, seed):
             pos, _ = tm.digit_conditioning(tokens, digs)
-            return one_pass_node.generate(model, pos, latent(len(digs)), seed, k, 0)[0]["samples"]
+            return one_pass_node.execute(model, pos, latent(len(digs)), seed, k, 0)[0]["samples"]
         return run
 
     configs = {

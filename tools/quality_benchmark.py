@@ -1,22 +1,30 @@
-"""Quality vs cost on the trained digits model: does FasterDiffusion beat simply running fewer steps?
+"""Quality vs cost: does FasterDiffusion beat simply running fewer steps, at equal FLOPs and at equal GPU time?
 
-    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/quality_benchmark.py [--samples 600] [--out docs/quality]   (~30 min)
+    bash tools/run.sh quality --model fashion --device cuda     # Fashion-MNIST model, ~3 min on an H200
+    bash tools/run.sh quality --model digits                    # digits model, ~30 min on one CPU thread
+    bash tools/run.sh quality --model fashion --replot          # redraw the plot from the saved table (seconds)
 
-Every configuration samples the same seeds (``--samples`` images, equal per digit) through ComfyUI and is scored
-  * FD-digits: Frechet distance between features of generated and held-out real digits, in the hidden layer
-    of an MLP trained on the other real digits (an FID analogue; lower is better);
-  * accuracy of a separate classifier (an SVM) on the generated digits;
+Every configuration samples the same seeds (``--samples`` images, equal per class) through ComfyUI and is scored
+  * FD: Frechet distance between classifier features of generated and real held-out images (an FID analogue;
+    digits: the hidden layer of an MLP trained on the other real digits; fashion: the 128-d layer of the CNN in
+    testmodel/fashion_classifier.safetensors); lower is better; its run-to-run spread is in the table's header;
+  * accuracy of a classifier (digits: an SVM; fashion: that CNN's logits) on the generated images;
   * PSNR to the 50-step full run on the same seeds (fidelity);
-  * cost: UNet FLOPs counted by torch's FlopCounterMode over a whole sampling run, relative to the 50-step
-    run, and wall time.
-Writes ``quality.md`` (table) and ``quality_vs_cost.png`` (plot) into ``--out``; ``--replot`` only redraws the
-plot from the table already in ``--out`` (seconds).
+  * cost, three ways, relative to the 50-step run:
+    (a) UNet FLOPs counted by torch's FlopCounterMode over a whole sampling run;
+    (b) GPU UNet time composed from the H100 SD1.5 eager batch-cost curve (shared/docs/gpu.md; the engine's
+        ``predicted_gpu_fraction``): what the plan would cost on an SD1.5-class model with parallel decoders;
+    (c) measured: median wall time of whole sampling runs of one image (CFG) on ``--device``
+        (CUDA-synchronised), this model, parallel decoders on.
+Writes ``<name>.md`` (table) and ``<name>_vs_cost.png`` (plots) into ``--out`` (name: ``quality`` for digits,
+``fashion`` for the Fashion-MNIST model).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +40,7 @@ import testmodel as tm  # noqa: E402
 STEPS = 50
 # the paper's Non-uniform II shape (Table 5, sparse early / dense late): t {50,30,25,20,15,14,5,4,3}
 LATE_DENSE = "0,20,25,30,35,36,45,46,47"
+TABLE_NAME = {"digits": "quality", "fashion": "fashion"}
 
 
 def feature_space():
@@ -65,109 +74,198 @@ def frechet(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+class Digits:
+    """The digits test model: what the benchmark needs of a model."""
+    title, fd_name = "Digits test model", "FD-digits"
+
+    def __init__(self, device, dtype=None):
+        self.model, self.tokens = tm.load_test_model()
+        self._features, self.real = feature_space()
+
+    def conditioning(self, classes):
+        return tm.digit_conditioning(self.tokens, classes)
+
+    latent_size, decode = tm.LATENT_SIZE, staticmethod(tm.decode)
+
+    def features(self, images):
+        return self._features(to8(images))
+
+    def classify(self, images):
+        return tm.classify(images)
+
+
+class Fashion:
+    title, fd_name = "Fashion-MNIST test model", "FD-fashion"
+
+    def __init__(self, device, dtype=None):
+        from testmodel import fashion as fm
+        self.fm = fm
+        self.model, self.tokens = fm.load_fashion_model(dtype=dtype)
+        real, _ = fm.fashion_dataset("test")
+        self.real = fm.features_and_logits(real)[0].numpy()
+
+    def conditioning(self, classes):
+        return self.fm.conditioning(self.tokens, classes)
+
+    latent_size = 16
+
+    def decode(self, latents):
+        return self.fm.decode(latents)
+
+    def features(self, images):
+        return self.fm.features_and_logits(images)[0].numpy()
+
+    def classify(self, images):
+        return self.fm.classify(images)
+
+
+def sync(device):
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(TABLE_NAME), default="digits")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the measured time column is this device's")
+    ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="the Fashion model's inference dtype")
     ap.add_argument("--samples", type=int, default=600)   # FD-digits seed spread ~2 at 600, ~12 at 200
+    ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations (smoke tests)")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
-    ap.add_argument("--replot", action="store_true", help="redraw quality_vs_cost.png from the saved quality.md")
+    ap.add_argument("--replot", action="store_true", help="redraw the plot from the saved table")
     args = ap.parse_args()
+    out, name = Path(args.out), TABLE_NAME[args.model]
     if args.replot:
-        out = Path(args.out)
-        plot(read_rows(out / "quality.md"), out / "quality_vs_cost.png")
-        print(f"wrote {out / 'quality_vs_cost.png'} from {out / 'quality.md'}")
+        plot(read_rows(out / f"{name}.md"), out / f"{name}_vs_cost.png", title=f"{args.model} test model")
+        print(f"wrote {out / f'{name}_vs_cost.png'} from {out / f'{name}.md'}")
         return
-    tm.boot_comfy()
+    tm.boot_comfy(cpu=args.device == "cpu")
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+    import comfy.sample
     import comfy.samplers
     import comfy.utils
-    import nodes
     from comfy_extras.nodes_easycache import EasyCacheNode
     from importlib import import_module
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     comfy.utils.set_progress_bar_enabled(False)
     Apply, cu = tm.load_pack(tempfile.mkdtemp())
-    calibration = import_module(cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
-    from fasterdiffusion import choose_keys
-    model, tokens = tm.load_test_model()
-    digits = [d % 10 for d in range(args.samples)]
-    features, real = feature_space()
+    package = cu.__name__.rsplit(".", 2)[0]
+    calibration = import_module(package + ".patches.comfy_calibrate")
+    cs = import_module(package + ".patches.comfy_sampler")
+    engine = import_module(package + ".fasterdiffusion")
+    kit = (Digits if args.model == "digits" else Fashion)(args.device, torch.float16 if args.dtype == "fp16" else None)
+    model = kit.model
+    classes = [c % 10 for c in range(args.samples)]
+    sampling = model.get_model_object("model_sampling")
 
-    # calibrate on other seeds than the scored ones
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
-    rec_model, recorder = calibration.recording_model(model, sigmas.tolist())
-    tm.sample_digits(rec_model, tokens, list(range(10)), seed=1000, steps=STEPS)
-    drift = recorder.drift()
-    calibrated = {k: ",".join(map(str, choose_keys(drift, STEPS, k))) for k in (9, 13, 17)}
+    def sample(m, sampler, steps, labels, seed, batch_cap=0):
+        pos, neg = kit.conditioning(labels)
+        latent = torch.zeros(len(labels), 4, kit.latent_size, kit.latent_size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps)   # KSampler's, for these samplers
+        return comfy.sample.sample_custom(m, noise, 3.0, sampler, sigmas, pos, neg, latent, seed=seed,
+                                          disable_pbar=True).float().cpu()
 
-    ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    def plain(steps, m=model):
+        return lambda labels, seed, cap=0: sample(m, comfy.samplers.sampler_object("euler"), steps, labels, seed)
 
-    def fd_run(strategy, alpha):
-        def run(digs, seed):
-            pos, neg = tm.digit_conditioning(tokens, digs)
-            latent = {"samples": torch.zeros(len(digs), 4, tm.LATENT_SIZE, tm.LATENT_SIZE)}
-            return ks.sample(model, seed, STEPS, 3.0, "euler", "normal", pos, neg, latent, 1.0, strategy, True, 0,
-                             alpha, 500.0)[0]["samples"]
+    def fd(strategy, alpha=0.0, steps=STEPS):
+        def run(labels, seed, cap=0):
+            config = cu.FasterDiffusionConfig(engine.parse_strategy(strategy), True, cap, None)
+            sampler = cs.KSamplerWithFasterDiffusion("euler", config, cs.InjectionSettings(alpha, 500.0))
+            return sample(model, sampler, steps, labels, seed)
         return run
 
-    def steps_run(n, m=model):
-        return lambda digs, seed: tm.sample_digits(m, tokens, digs, seed=seed, steps=n)
+    # calibrate on other seeds than the scored ones
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
+    rec_model, recorder = calibration.recording_model(model, sigmas.tolist())
+    sample(rec_model, comfy.samplers.sampler_object("euler"), STEPS, list(range(10)), 1000)
+    drift = recorder.drift()
+    calibrated = {k: ",".join(map(str, engine.choose_keys(drift, STEPS, k))) for k in (5, 7, 9, 13, 17)}
 
-    configs = {f"baseline {n} steps": ("baseline", steps_run(n)) for n in (50, 30, 25, 20, 15, 10)}
+    configs = {f"baseline {n} steps": ("baseline", plain(n), None) for n in (50, 30, 25, 20, 15, 10, 8)}
     for s in ["paper", "uniform:2", "uniform:3", "uniform:4", "uniform:5", "uniform:6", LATE_DENSE]:
-        name = "late-dense (paper Non-uniform II)" if s == LATE_DENSE else s
-        configs[f"FD {name}"] = ("FD", fd_run(s, 0.0))
+        label = "late-dense (paper Non-uniform II)" if s == LATE_DENSE else s
+        configs[f"FD {label}"] = ("FD", fd(s), (s, STEPS))
     for k, s in calibrated.items():
-        configs[f"FD calibrated, {k} keys"] = ("FD", fd_run(s, 0.0))
-    for s, name in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated[9], "calibrated, 9 keys")):
-        configs[f"FD {name} + injection"] = ("FD+inj", fd_run(s, 0.003))
+        configs[f"FD calibrated, {k} keys"] = ("FD", fd(s), (s, STEPS))
+    for s, label in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated[9], "calibrated, 9 keys")):
+        configs[f"FD {label} + injection"] = ("FD+inj", fd(s, 0.003), (s, STEPS))
+    for n, s in ((25, "uniform:2"), (25, "uniform:3"), (20, "uniform:2"), (15, "uniform:2")):
+        configs[f"FD {n} steps + {s}"] = ("FD fewer steps", fd(s, steps=n), (s, n))
     for th in (0.1, 0.2, 0.4):
         (ec,) = EasyCacheNode.execute(model, th, 0.15, 0.95, False).result
-        configs[f"EasyCache {th}"] = ("EasyCache", steps_run(STEPS, ec))
+        configs[f"EasyCache {th}"] = ("EasyCache", plain(STEPS, ec), None)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        configs = {k: v for i, (k, v) in enumerate(configs.items()) if i == 0 or any(w in k for w in wanted)}
 
     def flops(run):
         with FlopCounterMode(display=False) as fc:
             run([3], 77)
         return fc.get_total_flops()
 
+    def measured_seconds(run):
+        times = []
+        for _ in range(args.timing_repeats + 1):            # the first is a warm-up
+            sync(args.device)
+            t0 = time.perf_counter()
+            run([3], 77, 32)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
     base_flops = flops(configs["baseline 50 steps"][1])
-    reference = None
-    rows = []
-    for name, (family, run) in configs.items():
+    base_seconds = measured_seconds(configs["baseline 50 steps"][1])
+    reference, rows = None, []
+    for cname, (fam, run, plan) in configs.items():
         t0 = time.perf_counter()
-        images = tm.decode(run(digits, 1))
+        images = kit.decode(run(classes, 1))
         seconds = time.perf_counter() - t0
         if reference is None:
             reference = images
         mse = float(((images - reference) ** 2).mean())
-        feats = features(to8(images))
-        rows.append(dict(name=name, family=family, cost=flops(run) / base_flops, seconds=seconds,
-                         fd=frechet(feats, real), acc=float((tm.classify(images) == np.array(digits)).mean()),
-                         psnr=math.inf if mse == 0 else 10 * math.log10(1 / mse)))
-        print(f"{name:36s} cost {rows[-1]['cost']:.3f}  FD-digits {rows[-1]['fd']:7.2f}  acc {rows[-1]['acc']:.0%}  "
-              f"PSNR {rows[-1]['psnr']:6.2f}  {seconds:5.1f}s", flush=True)
-    # run-to-run spread of the distribution metric: the 50-step baseline on 2 more seed sets
-    spread = [frechet(features(to8(tm.decode(configs["baseline 50 steps"][1](digits, s)))), real) for s in (2, 3)]
+        cost = flops(run) / base_flops
+        if plan is None:          # every UNet call full (fewer steps) or skipped whole (EasyCache): time ~ FLOPs
+            gpu = cost
+        else:
+            gpu = engine.predicted_gpu_fraction(engine.make_plan(plan[0], plan[1])) * plan[1] / STEPS
+        rows.append(dict(name=cname, family=fam, cost=cost, gpu=gpu, measured=measured_seconds(run) / base_seconds,
+                         fd=frechet(kit.features(images), kit.real), acc=float((kit.classify(images) == np.array(classes)).mean()),
+                         psnr=math.inf if mse == 0 else 10 * math.log10(1 / mse), seconds=seconds))
+        r = rows[-1]
+        print(f"{cname:36s} FLOPs {r['cost']:.3f}  GPU(SD1.5) {r['gpu']:.3f}  measured {r['measured']:.3f}  "
+              f"{kit.fd_name} {r['fd']:7.2f}  acc {r['acc']:.0%}  PSNR {r['psnr']:6.2f}  {seconds:5.1f}s", flush=True)
+    spread = [frechet(kit.features(kit.decode(configs["baseline 50 steps"][1](classes, s))), kit.real) for s in (2, 3)]
     spread.append(rows[0]["fd"])
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Quality vs cost on the digits test model ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
-             f"Command: `OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/quality_benchmark.py --samples {args.samples}`", "",
-             f"FD-digits of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU, 1 thread"
+    lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
+             f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} --samples {args.samples}`"
+             f" (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
+             f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
              f"(spread {max(spread) - min(spread):.2f}). Calibrated keys (from seeds 1000-1009): "
              + "; ".join(f"{k}: `{v}`" for k, v in calibrated.items()), "",
-             "| configuration | UNet FLOPs | wall s | FD-digits ↓ | accuracy | PSNR to 50-step run |",
-             "|---|---|---|---|---|---|"]
+             "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
+             "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
+             "(one image, CFG, parallel decoders).", "",
+             f"| configuration | UNet FLOPs | GPU time (SD1.5 H100, composed) | time measured | {kit.fd_name} ↓ | accuracy | PSNR to 50-step run |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['cost']:.3f} | {r['seconds']:.1f} | {r['fd']:.2f} | {r['acc']:.0%} | "
+        lines.append(f"| {r['name']} | {r['cost']:.3f} | {r['gpu']:.3f} | {r['measured']:.3f} | {r['fd']:.2f} | {r['acc']:.1%} | "
                      + ("∞ |" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f} |"))
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out / "quality_vs_cost.png")
-    print(f"wrote {out / 'quality.md'} and {out / 'quality_vs_cost.png'}")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / f"{name}_vs_cost.png", title=kit.title)
+    print(f"wrote {out / f'{name}.md'} and {out / f'{name}_vs_cost.png'}")
 
 
 def family(name):
@@ -176,18 +274,26 @@ def family(name):
         return "baseline"
     if name.startswith("EasyCache"):
         return "EasyCache"
-    return "FD+inj" if name.endswith("+ injection") else "FD"
+    if name.endswith("+ injection"):
+        return "FD+inj"
+    return "FD fewer steps" if name.split()[1].isdigit() else "FD"
 
 
 def read_rows(table):
-    """The rows of a quality.md written by this script (name, family, cost, seconds, fd, acc, psnr)."""
+    """The rows of a table written by this script: name, family, cost (FLOPs), gpu, measured, fd, acc, psnr
+    (a table of the first version, without the two time columns, gives gpu = measured = None)."""
     rows = []
     for line in Path(table).read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 6 or not cells[1].replace(".", "", 1).isdigit():
+        if len(cells) not in (6, 7) or not cells[1].replace(".", "", 1).isdigit():
             continue                                   # the header, its rule, and anything else
-        name, cost, seconds, fd, acc, psnr = cells
-        rows.append(dict(name=name, family=family(name), cost=float(cost), seconds=float(seconds), fd=float(fd),
+        if len(cells) == 6:
+            name, cost, _seconds, fd, acc, psnr = cells
+            gpu = measured = None
+        else:
+            name, cost, gpu, measured, fd, acc, psnr = cells
+            gpu, measured = float(gpu), float(measured)
+        rows.append(dict(name=name, family=family(name), cost=float(cost), gpu=gpu, measured=measured, fd=float(fd),
                          acc=float(acc.rstrip("%")) / 100, psnr=math.inf if psnr == "∞" else float(psnr)))
     return rows
 
@@ -229,29 +335,40 @@ def label_points(ax, points, fontsize=7):
                     if moved else None)
 
 
-def plot(rows, path):
+COST_AXES = (("cost", "UNet FLOPs relative to 50 steps"),
+             ("gpu", "GPU time rel. to 50 steps (SD1.5 H100, composed)"),
+             ("measured", "time rel. to 50 steps (measured, this model)"))
+
+
+def plot(rows, path, title="Digits test model"):
+    """One panel per (quality metric, cost axis): FD and PSNR against each cost column the table has."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), dpi=DPI)
-    style = {"baseline": ("k", "o", "fewer steps (baseline)"), "FD": ("tab:orange", "s", "FasterDiffusion"),
-             "FD+inj": ("tab:red", "^", "FasterDiffusion + noise injection"), "EasyCache": ("tab:blue", "D", "EasyCache")}
-    for ax, key, label in ((axes[0], "fd", "FD-digits (lower is better)"), (axes[1], "psnr", "PSNR to the 50-step run, dB")):
-        for fam, (color, marker, legend) in style.items():
-            pts = [r for r in rows if r["family"] == fam and not math.isinf(r[key])]
-            ax.scatter([r["cost"] for r in pts], [r[key] for r in pts], c=color, marker=marker, label=legend)
-            if fam == "baseline":
-                pts = sorted(pts, key=lambda r: r["cost"])
-                ax.plot([r["cost"] for r in pts], [r[key] for r in pts], c=color, lw=0.8)
-        ax.set_xlabel("UNet FLOPs relative to 50 steps")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    for ax, key in ((axes[0], "fd"), (axes[1], "psnr")):
-        label_points(ax, [(r["cost"], r[key], point_label(r["name"]), style[r["family"]][0])
-                          for r in rows if not math.isinf(r[key])])
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Digits test model: FasterDiffusion vs fewer steps vs EasyCache "
+    axes_x = [(k, label) for k, label in COST_AXES if all(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(2, len(axes_x), figsize=(6.5 * len(axes_x), 10.5), dpi=DPI, squeeze=False)
+    style = {"baseline": ("k", "o", "fewer steps (baseline)"), "FD": ("tab:orange", "s", "FasterDiffusion, 50 steps"),
+             "FD+inj": ("tab:red", "^", "FasterDiffusion + noise injection"),
+             "FD fewer steps": ("tab:green", "v", "FasterDiffusion on fewer steps"), "EasyCache": ("tab:blue", "D", "EasyCache")}
+    metrics = (("fd", "FD (lower is better)"), ("psnr", "PSNR to the 50-step run, dB"))
+    for row_axes, (key, label) in zip(axes, metrics):
+        for ax, (xkey, xlabel) in zip(row_axes, axes_x):
+            for fam, (color, marker, legend) in style.items():
+                pts = [r for r in rows if r["family"] == fam and not math.isinf(r[key])]
+                ax.scatter([r[xkey] for r in pts], [r[key] for r in pts], c=color, marker=marker, label=legend)
+                if fam == "baseline":
+                    pts = sorted(pts, key=lambda r: r[xkey])
+                    ax.plot([r[xkey] for r in pts], [r[key] for r in pts], c=color, lw=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    for row_axes, (key, _) in zip(axes, metrics):
+        for ax, (xkey, _) in zip(row_axes, axes_x):
+            label_points(ax, [(r[xkey], r[key], point_label(r["name"]), style[r["family"]][0])
+                              for r in rows if not math.isinf(r[key])])
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title}: FasterDiffusion vs fewer steps vs EasyCache "
                  "(u:K = uniform:K, cal N = calibrated N keys, EC = EasyCache threshold)")
     fig.savefig(path, dpi=DPI)
     return fig

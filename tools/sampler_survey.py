@@ -33,7 +33,7 @@ def main():
     warnings.filterwarnings("ignore", category=UserWarning)   # torchsde chatter from the SDE samplers
     Apply, cu = tm.load_pack(tempfile.mkdtemp())
     model, tokens = tm.load_test_model()
-    (fd,) = Apply().apply(model, args.strategy, True, 32)
+    (fd,) = Apply.execute(model, args.strategy, True, 32)
     config = fd.model_options["transformer_options"][cu.KEY]
     digits = list(range(10)) * 2
     print(f"{'sampler':30s} {'plain':>6s} {'FD':>6s} {'rel diff':>8s}  FasterDiffusion")
