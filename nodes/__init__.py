@@ -3,6 +3,7 @@ __init__.py) and registers every class in NODES under its schema's node_id.  A n
 from .apply import FasterDiffusionApply
 from .calibrate import FasterDiffusionCalibrate
 from .comfy_v3 import ComfyExtension, io
+from .compare import FasterDiffusionCompare
 from .onepass import FasterDiffusionOnePass
 from .sampler import FasterDiffusionKSampler, FasterDiffusionSampler
 
@@ -12,6 +13,7 @@ NODES: list[type[io.ComfyNode]] = [
     FasterDiffusionKSampler,
     FasterDiffusionCalibrate,
     FasterDiffusionOnePass,
+    FasterDiffusionCompare,
 ]
 
 

@@ -170,6 +170,22 @@ def unsupported_reason(model) -> str | None:
     return unet_unsupported_reason(model.get_model_object("diffusion_model"))
 
 
+def remove_hooks(m):
+    """Take an Apply node's hooks off ``m`` (a clone), in place."""
+    for wrapper_type in (WRAP.OUTER_SAMPLE, WRAP.PREDICT_NOISE, WRAP.DIFFUSION_MODEL):
+        m.remove_wrappers_with_key(wrapper_type, KEY)
+    m.model_options["transformer_options"].pop(KEY, None)
+
+
+def without_faster_diffusion(model):
+    """``model`` without an Apply node's hooks: itself if it has none, else a clone without them."""
+    if KEY not in model.model_options["transformer_options"]:
+        return model
+    m = model.clone()
+    remove_hooks(m)
+    return m
+
+
 def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder_batch=32, node_id=None):
     """A clone of ``model`` with encoder propagation hooked in (or the model itself, with a log line,
     if it cannot be served)."""
@@ -180,8 +196,7 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
     m = model.clone()
     if isinstance(m.model_options["transformer_options"].get(KEY), FasterDiffusionConfig):
         log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
-        for wrapper_type in (WRAP.OUTER_SAMPLE, WRAP.PREDICT_NOISE, WRAP.DIFFUSION_MODEL):
-            m.remove_wrappers_with_key(wrapper_type, KEY)
+        remove_hooks(m)
     config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id)
     m.model_options["transformer_options"][KEY] = config
     m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)

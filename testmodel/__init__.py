@@ -203,6 +203,19 @@ def decode(latents):
     return latents_to_images(latents * LATENT_SCALE)
 
 
+class StandInVAE:
+    """Stands in for ComfyUI's VAE (``decode(latents) -> images [B,H,W,3]``): the digits model's
+    pixel-shuffle decoder, or a sigmoid of channel 0 for the random-weight models."""
+
+    def __init__(self, kind: str = "digits"):
+        self.kind = kind
+
+    def decode(self, latents):
+        import torch
+        gray = decode(latents) if self.kind == "digits" else torch.sigmoid(latents[:, 0].float())
+        return gray.unsqueeze(-1).repeat(1, 1, 1, 3)
+
+
 def sdxl_tiny_model(seed: int = 0):
     """A random-weight SDXL-shaped model: ADM ``y`` (2816) through label_emb, linear transformers,
     no attention at the top level, as SDXL.  Conditioning needs ``pooled_output`` [B, 1280]."""

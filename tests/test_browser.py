@@ -177,6 +177,11 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
     workflow = json.loads(path.read_text())
     page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
     page.keyboard.press("Escape")                          # a "missing models" dialog, if any
+    with_strategy = page.evaluate("() => app.graph.nodes.filter((n) => n.widgets?.some((w) => w.name === 'strategy'))"
+                                  ".map((n) => String(n.id))")
+    for node_id in with_strategy:                          # every node with a strategy gets the editor
+        page.wait_for_function("(id) => document.querySelector(`.fd-editor[data-node-id='${id}']`)", arg=node_id,
+                               timeout=10_000)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     fd_nodes = [n for n in prompt.values() if n["class_type"].startswith("FasterDiffusion")]
     assert fd_nodes and all(n["inputs"].get("strategy", "paper") == "paper" for n in fd_nodes)   # One-Pass has none

@@ -32,13 +32,16 @@ ATTRIBUTES = {
                                                        "timestep_embedding", "apply_control"],
     "comfy.controlnet": ["ControlNet", "ControlBase.control_merge"],
     "latent_preview": ["prepare_callback"],
+    "comfy.model_management": ["load_models_gpu", "get_torch_device"],
+    "nodes": ["common_ksampler"],                            # the Compare node's runs are KSampler's
     "server": ["PromptServer.send_progress_text"],          # on PromptServer.instance (set by a running server)
     "comfy_api.v0_0_2": ["io", "ComfyExtension"],
     "comfy_api.latest": ["io", "ComfyExtension"],
 }
 V3_IO = ["ComfyNode", "Schema", "NodeOutput", "Hidden.unique_id", "Int.Input", "Float.Input", "String.Input",
          "Boolean.Input", "Combo.Input", "Model.Input", "Model.Output", "Latent.Input", "Latent.Output",
-         "Conditioning.Input", "Sampler.Output", "String.Output", "ComfyNode.validate_inputs", "ComfyNode.hidden"]
+         "Conditioning.Input", "Sampler.Output", "String.Output", "Vae.Input", "Image.Output",
+         "ComfyNode.validate_inputs", "ComfyNode.hidden"]
 
 # callable -> the leading parameters the pack passes or reads by position
 SIGNATURES = {
@@ -54,6 +57,8 @@ SIGNATURES = {
     "comfy.sample.prepare_noise": ["latent_image", "seed", "noise_inds"],
     "comfy.sample.fix_empty_latent_channels": ["model", "latent_image"],
     "latent_preview.prepare_callback": ["model", "steps"],
+    "nodes.common_ksampler": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                              "latent"],
     "comfy.model_base.BaseModel._apply_model": ["self", "x", "t", "c_concat", "c_crossattn", "control",
                                                 "transformer_options"],
     "comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel._forward": [

@@ -14,7 +14,7 @@ import pytest
 
 SNAPSHOT = Path(__file__).resolve().parent / "data" / "node_schema_v1.json"
 FD_NODES = ["FasterDiffusionApply", "FasterDiffusionSampler", "FasterDiffusionKSampler",
-            "FasterDiffusionCalibrate", "FasterDiffusionOnePass"]
+            "FasterDiffusionCalibrate", "FasterDiffusionOnePass", "FasterDiffusionCompare"]
 
 
 def normalized(spec_input):

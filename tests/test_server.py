@@ -35,18 +35,12 @@ def graph(strategy="paper", fd_ksampler=True):
     return g
 
 
-def test_node_is_listed(server):
-    url, _ = server
-    info = requests.get(url + "/object_info/FasterDiffusionApply", timeout=10).json()["FasterDiffusionApply"]
-    assert info["display_name"] == "FasterDiffusion Apply"
-    assert info["input"]["required"]["strategy"][1]["default"] == "paper"
-
-
-def test_prompt_over_http_with_progress_and_stats(server):
-    url, base = server
+def queue_and_follow(url, prompt):
+    """Queue ``prompt``; follow the websocket to its end: (prompt_id, end message, {node: progress max},
+    [(node, text shown on it)])."""
     client_id = str(uuid.uuid4())
     ws = websocket.create_connection(f"{url.replace('http', 'ws')}/ws?clientId={client_id}", timeout=120)
-    r = requests.post(url + "/prompt", json={"prompt": graph(), "client_id": client_id}, timeout=10)
+    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}, timeout=10)
     assert r.status_code == 200, r.text
     prompt_id = r.json()["prompt_id"]
     progress, texts, done = {}, [], None
@@ -65,6 +59,19 @@ def test_prompt_over_http_with_progress_and_stats(server):
                 and m["data"].get("prompt_id") == prompt_id:
             done = m
     ws.close()
+    return prompt_id, done, progress, texts
+
+
+def test_node_is_listed(server):
+    url, _ = server
+    info = requests.get(url + "/object_info/FasterDiffusionApply", timeout=10).json()["FasterDiffusionApply"]
+    assert info["display_name"] == "FasterDiffusion Apply"
+    assert info["input"]["required"]["strategy"][1]["default"] == "paper"
+
+
+def test_prompt_over_http_with_progress_and_stats(server):
+    url, base = server
+    prompt_id, done, progress, texts = queue_and_follow(url, graph())
     assert done is not None and done["type"] == "execution_success", done
     assert progress == {"5": 10, "7": 12, "9": 8}           # per-step progress from every sampler node
     stats = sorted(t for node, t in texts if node == "2" and t.startswith("FasterDiffusion [paper]"))
@@ -90,3 +97,39 @@ def test_bad_strategy_fails_validation(server):
     assert r.status_code == 400
     err = json.dumps(r.json())
     assert "'every other' is neither a known name nor a step index" in err and "uniform:K" in err
+
+
+def compare_graph(strategy):
+    return {
+        "1": {"class_type": "FDTestCheckpoint", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "2": {"class_type": "FDTestDigitsCond", "inputs": {"digit": 4}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "FasterDiffusionCompare", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0], "vae": ["1", 2],
+            "seed": 9, "steps": 8, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "strategy": strategy,
+            "parallel": True, "max_decoder_batch": 32, "compare_fewer_steps": True}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "fd_compare"}},
+    }
+
+
+def test_compare_node_over_http(server):
+    """The Compare node in the server: listed, run, its report shown on the node, its image saved."""
+    url, base = server
+    info = requests.get(url + "/object_info/FasterDiffusionCompare", timeout=10).json()["FasterDiffusionCompare"]
+    assert info["display_name"] == "FasterDiffusion Compare"
+    assert info["output_name"] == ["comparison", "full", "faster", "report"]
+    apply = requests.get(url + "/object_info/FasterDiffusionApply", timeout=10).json()["FasterDiffusionApply"]
+    assert info["input"]["required"]["strategy"] == apply["input"]["required"]["strategy"]
+    prompt_id, done, progress, texts = queue_and_follow(url, compare_graph("uniform:2"))
+    assert done is not None and done["type"] == "execution_success", done
+    shown = [t for node, t in texts if node == "4"]
+    assert shown[-1].startswith("FasterDiffusion Compare [uniform:2], 8 steps\ntime: full ")
+    assert "PSNR vs full: FasterDiffusion " in shown[-1] and "\nrecommendation: " in shown[-1]
+    assert list((base / "output").glob("fd_compare_*.png"))
+
+
+def test_compare_bad_strategy_fails_validation(server):
+    url, _ = server
+    r = requests.post(url + "/prompt", json={"prompt": compare_graph("every other"), "client_id": "x"}, timeout=10)
+    assert r.status_code == 400
+    assert "'every other' is neither a known name nor a step index" in json.dumps(r.json())

@@ -5,7 +5,8 @@ import { app } from "../../../scripts/app.js";   // served at /extensions/<pack>
 import { StrategyError, fromShareable, groups, keySteps, parseStrategy, predictedCost, strategyFor,
          toShareable } from "./strategy.js";
 
-const FD_NODES = new Set(["FasterDiffusionApply", "FasterDiffusionSampler", "FasterDiffusionKSampler"]);
+const FD_NODES = new Set(["FasterDiffusionApply", "FasterDiffusionSampler", "FasterDiffusionKSampler",
+                              "FasterDiffusionCompare"]);
 const DEFAULT_STEPS = 20;
 
 const CSS = `
