@@ -17,6 +17,16 @@ def validate_strategy(strategy):
     return True
 
 
+# Optional, so that saved workflows without it load with the default.
+OPTIONAL_INPUTS = {
+    "controlnet_reuse": ("BOOLEAN", {"default": True, "tooltip":
+        "With a ControlNet / T2I-Adapter / Control-LoRA: at the steps that skip the encoder, reuse the residuals "
+        "the ControlNet gave at the group's key step instead of running it again (the paper's scheme; the "
+        "ControlNet then runs only at key steps and the group's decoders batch again). Start/end percent still "
+        "apply per step. Off: the ControlNet runs every step and those decoders run one step at a time."}),
+}
+
+
 class FasterDiffusionApply:
     DESCRIPTION = (
         "Encoder propagation: at key steps the whole UNet runs and its encoder features are cached; "
@@ -43,12 +53,13 @@ class FasterDiffusionApply:
                     "or a list of 0-based steps like 0,1,2,3,5,10. Steps count within each sampler run."}),
                 "parallel": ("BOOLEAN", {"default": True, "tooltip":
                     "Run the decoders of a key step's whole group as one batch (exact; the main GPU speed-up). "
-                    "Off: one decoder call per step (less memory). Turned off automatically for a run with "
-                    "a ControlNet, whose residuals change every step."}),
+                    "Off: one decoder call per step (less memory). With a ControlNet it needs controlnet_reuse "
+                    "(fresh residuals change every step)."}),
                 "max_decoder_batch": ("INT", {"default": 32, "min": 0, "max": 4096, "tooltip":
                     "Memory cap: most samples in one batched decoder call (a group of 15 steps with CFG is "
                     "30). Larger groups are split into several calls, with identical results. 0 = no cap."}),
             },
+            "optional": OPTIONAL_INPUTS,
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -56,6 +67,8 @@ class FasterDiffusionApply:
     def VALIDATE_INPUTS(cls, strategy=None):
         return validate_strategy(strategy)
 
-    def apply(self, model, strategy="paper", parallel=True, max_decoder_batch=32, unique_id=None):
-        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, unique_id)
+    def apply(self, model, strategy="paper", parallel=True, max_decoder_batch=32, controlnet_reuse=True,
+              unique_id=None):
+        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, unique_id,
+                                            controlnet_reuse)
         return (patched,)

@@ -9,7 +9,7 @@ import latent_preview
 from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
 from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
 from ..patches.comfy_unet import FasterDiffusionConfig
-from .apply import FasterDiffusionApply, validate_strategy
+from .apply import OPTIONAL_INPUTS, FasterDiffusionApply, validate_strategy
 
 CATEGORY = "sampling/faster_diffusion"
 _APPLY = FasterDiffusionApply.INPUT_TYPES()["required"]
@@ -31,8 +31,9 @@ SAMPLER_TOOLTIP = ("The sampler to run with FasterDiffusion. Only samplers that 
                    "(lcm runs every step in full: it re-noises the latent each step.)")
 
 
-def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node_id):
-    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node_id)
+def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node_id,
+                 controlnet_reuse=True):
+    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node_id, controlnet_reuse)
     return KSamplerWithFasterDiffusion(sampler_name, config, InjectionSettings(injection_alpha, injection_threshold))
 
 
@@ -49,16 +50,16 @@ class FasterDiffusionSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"sampler_name": (SUPPORTED, {"default": "euler", "tooltip": SAMPLER_TOOLTIP}), **FD_INPUTS},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": OPTIONAL_INPUTS, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, strategy=None):   # only this one: the host checks the rest
         return validate_strategy(strategy)
 
     def get_sampler(self, sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold,
-                    unique_id=None):
+                    controlnet_reuse=True, unique_id=None):
         return (make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                             injection_threshold, unique_id),)
+                             injection_threshold, unique_id, controlnet_reuse),)
 
 
 class FasterDiffusionKSampler:
@@ -87,16 +88,17 @@ class FasterDiffusionKSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "How much of the schedule to run; lower keeps more of the input latent."}),
             **FD_INPUTS},
-            "hidden": {"unique_id": "UNIQUE_ID"}}
+            "optional": OPTIONAL_INPUTS, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, strategy=None):   # only this one: the host checks the rest
         return validate_strategy(strategy)
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-               strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, unique_id=None):
+               strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, controlnet_reuse=True,
+               unique_id=None):
         sampler = make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                               injection_threshold, unique_id)
+                               injection_threshold, unique_id, controlnet_reuse)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         # exactly KSampler's schedule (incl. its denoise handling and discarded penultimate sigmas)
