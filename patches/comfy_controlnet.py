@@ -163,9 +163,11 @@ class DeferredControl:
 
 @dataclass
 class StepsControl:
-    """The control of a decoder call batched over several steps: each step's ``t``, step-major."""
+    """The control of a decoder call batched over several steps: each step's ``t``, step-major, and the
+    rows of one step (a residual of one row, e.g. a T2I-Adapter's, broadcasts over them as in the host)."""
     deferred: DeferredControl
     step_ts: list
+    rows: int
 
 
 def fresh(control):
@@ -183,7 +185,7 @@ def reused_decoder_control(control, kept: list | None):
     if isinstance(control, DeferredControl):
         return _at(control, control.t, kept)
     per_step = [_at(control.deferred, t, kept) for t in control.step_ts]
-    return stack_steps(per_step)
+    return stack_steps(per_step, control.rows)
 
 
 def _at(deferred: DeferredControl, t, kept):
@@ -221,8 +223,9 @@ def _add_prev(own: dict, prev: dict) -> dict:
     return out
 
 
-def stack_steps(per_step: list):
-    """Per-step decoder residuals stacked step-major on the batch dim (zeros where a step has none)."""
+def stack_steps(per_step: list, rows: int):
+    """Per-step decoder residuals (``rows`` each, after broadcasting) stacked step-major on the batch dim,
+    zeros where a step has none."""
     if all(d is None for d in per_step):
         return None
     out = {"input": [], "middle": [], "output": []}
@@ -230,5 +233,9 @@ def stack_steps(per_step: list):
         for i in range(max(len(d[k]) if d else 0 for d in per_step)):
             ts = [d[k][i] if d and i < len(d[k]) else None for d in per_step]
             ref = next((x for x in ts if x is not None), None)
-            out[k].append(None if ref is None else torch.cat([torch.zeros_like(ref) if x is None else x for x in ts]))
+            if ref is None:
+                out[k].append(None)
+                continue
+            shape = (rows, *ref.shape[1:])
+            out[k].append(torch.cat([ref.new_zeros(shape) if x is None else x.expand(shape) for x in ts]))
     return out

@@ -174,7 +174,7 @@ class LdmUNetAdapter:
         to["original_shape"] = [b * n] + list(h.to.get("original_shape", [b]))[1:]
         control = None   # fresh residuals are per step (never batched); reused ones are summed per step
         if isinstance(h.control, DeferredControl):
-            control = StepsControl(h.control, list(sigmas.view(n, -1)[:, :1]))
+            control = StepsControl(h.control, list(sigmas.view(n, -1)[:, :1]), b)
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=_rows(call.context, n),
                        host=LdmCall(_rows(h.y, n), control, to, h.kwargs))
 
