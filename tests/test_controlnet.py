@@ -143,22 +143,25 @@ def test_two_stacked_controlnets_all_is_bit_identical(pack, digits):
 
 # ------------------------------------------------------------------------------------------------ reuse
 
-def test_controlnet_runs_once_per_group_and_decoders_batch(pack, digits):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_controlnet_runs_once_per_group_and_decoders_batch(pack, digits, parallel):
     model, tok = digits
     net = tm.digits_controlnet()
     conds = controlled(tok, (net, 1.0, 0.0, 1.0))
     sigmas = schedule(model)
     counts = {}
     for reuse in (True, False):
-        fd, config = apply(pack, model, "paper", controlnet_reuse=reuse)
+        fd, config = apply(pack, model, "paper", parallel=parallel, controlnet_reuse=reuse)
         with counting(model, sigmas) as calls:
             run(fd, conds)
         counts[reuse] = (calls.steps(net.control_model), config.reports[-1])
     steps, r = counts[True]
     assert steps == PAPER_KEYS, "one ControlNet forward per group, at its key step"
-    assert r["decoder_batches"] == [2, 5, 5, 5] and "parallel_off" not in r     # as without a ControlNet
+    assert r["decoder_batches"] == ([2, 5, 5, 5] if parallel else [1, 1, 1, 1])    # as without a ControlNet
+    assert "parallel_off" not in r
     steps, r = counts[False]
-    assert steps == list(range(STEPS)) and r["decoder_batches"] == [1, 1, 1, 1] and "ControlNet" in r["parallel_off"]
+    assert steps == list(range(STEPS)) and r["decoder_batches"] == [1, 1, 1, 1]
+    assert ("ControlNet" in r["parallel_off"]) == parallel
 
 
 def test_reused_residuals_vs_fresh(pack, digits):
