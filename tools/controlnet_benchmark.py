@@ -1,7 +1,7 @@
 """ControlNet benchmark: SD1.5 UNet + SD1.5 ControlNet in ComfyUI, baseline vs FasterDiffusion with and without
 ControlNet reuse.
 
-    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/controlnet_benchmark.py                 # CPU, ~3 min
+    bash tools/run.sh controlnet                                                  # CPU, ~3 min, 5 GB
     COMFYUI_PATH=/path/to/ComfyUI python tools/controlnet_benchmark.py --device cuda --dtype fp16 --size 64 --steps 50
 
 Both networks are ComfyUI's own classes with the real SD1.5 configuration (``tools/benchmark.py``'s) and random
@@ -33,7 +33,7 @@ sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 from host_python import require  # noqa: E402
 
-require("controlnet_benchmark")
+require("controlnet")
 import testmodel as tm  # noqa: E402
 from benchmark import SD15, psnr  # noqa: E402  (tools/benchmark.py: the SD1.5 UNet configuration)
 
