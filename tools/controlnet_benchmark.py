@@ -1,7 +1,7 @@
 """ControlNet benchmark: SD1.5 UNet + SD1.5 ControlNet in ComfyUI, baseline vs FasterDiffusion with and without
 ControlNet reuse.
 
-    bash tools/run.sh controlnet                                                  # CPU, ~3 min, 5 GB
+    bash tools/run.sh controlnet                     # CPU: ~4.5 min of one core (build 1 min), 5 GB
     COMFYUI_PATH=/path/to/ComfyUI python tools/controlnet_benchmark.py --device cuda --dtype fp16 --size 64 --steps 50
 
 Both networks are ComfyUI's own classes with the real SD1.5 configuration (``tools/benchmark.py``'s) and random
