@@ -124,6 +124,7 @@ class RunStats:
     parallel_off: str | None = None
     bypassed: str | None = None
     injected_steps: list | None = None
+    late_keys: list | None = None    # steps made key steps during the run (a ControlNet starting there)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -171,6 +172,17 @@ class Run:
         n = self._seen.get(call.slot, 0)
         self._seen[call.slot] = n + 1
         return (call.slot, n)
+
+    def add_keys(self, steps) -> list:
+        """Make ``steps`` key steps as well (a host input, e.g. a ControlNet that starts there, needs the
+        encoder at that step); returns those that were not keys yet.  Safe for steps not reached yet: a
+        group that lost steps to a new key never serves them (the features' group no longer matches)."""
+        new = sorted(set(s for s in steps if 0 <= s < self.plan.num_steps) - set(self.plan.keys))
+        if new:
+            self.plan = self.plan.with_keys(new)
+            self.stats.keys = list(self.plan.keys)
+            self.stats.late_keys = sorted(set(self.stats.late_keys or ()) | set(new))
+        return new
 
     def decide(self, step: int | None, slot) -> Outcome:
         if self.bypass:
@@ -281,6 +293,8 @@ def format_report(r: dict) -> str:
         text += f"; {r['off_schedule_calls']} off-schedule calls ran in full"
     if r["fallback_calls"]:
         text += f"; {r['fallback_calls']} calls without cached features ran in full"
+    if r.get("late_keys"):
+        text += f"; steps {r['late_keys']} made key steps (a ControlNet starts there)"
     if r.get("parallel_off"):
         text += f"; {r['parallel_off']}"
     return text

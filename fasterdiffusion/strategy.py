@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The paper's default (utils_sd.py "50ls"): paper notation {50,49,48,47,45,40,35,25,15}.
 PAPER_KEYS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
@@ -129,6 +129,11 @@ class Plan:
                 return g
         raise IndexError(f"step {step} is outside a {self.num_steps}-step plan")
 
+    def with_keys(self, extra) -> "Plan":
+        """This plan with the steps ``extra`` (within the run) made key steps too."""
+        keys = sorted(set(self.keys) | {k for k in extra if 0 <= k < self.num_steps})
+        return replace(self, keys=tuple(keys), groups=_groups(keys, self.num_steps))
+
     def is_key(self, step: int) -> bool:
         return step in self.keys
 
@@ -145,10 +150,13 @@ def make_plan(strategy: Strategy | str, num_steps: int) -> Plan:
     if isinstance(strategy, str):
         strategy = parse_strategy(strategy)
     keys = key_steps(strategy, num_steps)
-    bounds = keys + [num_steps]
-    groups = tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]))
     ignored = tuple(k for k in strategy.steps if k >= num_steps)
-    return Plan(str(strategy), num_steps, tuple(keys), groups, ignored)
+    return Plan(str(strategy), num_steps, tuple(keys), _groups(keys, num_steps), ignored)
+
+
+def _groups(keys: list, num_steps: int) -> tuple:
+    bounds = list(keys) + [num_steps]
+    return tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]))
 
 
 def predicted_cost_fraction(plan: Plan, encoder_share: float, parallel: bool = False,

@@ -21,6 +21,15 @@ def validate_strategy(strategy):
     return True
 
 
+def controlnet_reuse_input():
+    """Optional and last, so that workflows saved without it load with the default."""
+    return io.Boolean.Input("controlnet_reuse", default=True, optional=True, tooltip=
+            "With a ControlNet / T2I-Adapter / Control-LoRA: at the steps that skip the encoder, reuse the residuals "
+            "the ControlNet gave at the group's key step instead of running it again (the paper's scheme; the "
+            "ControlNet then runs only at key steps and the group's decoders batch again). Start/end percent still "
+            "apply per step. Off: the ControlNet runs every step and those decoders run one step at a time.")
+
+
 def strategy_inputs():
     """strategy, parallel, max_decoder_batch: the settings every encoder-propagation node shares, in this order."""
     return [
@@ -31,8 +40,8 @@ def strategy_inputs():
             "or a list of 0-based steps like 0,1,2,3,5,10. Steps count within each sampler run."),
         io.Boolean.Input("parallel", default=True, tooltip=
             "Run the decoders of a key step's whole group as one batch (exact; the main GPU speed-up). "
-            "Off: one decoder call per step (less memory). Turned off automatically for a run with "
-            "a ControlNet, whose residuals change every step."),
+            "Off: one decoder call per step (less memory). With a ControlNet it needs controlnet_reuse "
+            "(fresh residuals change every step)."),
         io.Int.Input("max_decoder_batch", default=32, min=0, max=4096, tooltip=
             "Memory cap: most samples in one batched decoder call (a group of 15 steps with CFG is "
             "30). Larger groups are split into several calls, with identical results. 0 = no cap."),
@@ -55,7 +64,7 @@ class FasterDiffusionApply(io.ComfyNode):
                 "dpmpp_2s_ancestral, dpmpp_sde) run those extra evaluations in full. Stats of each run are "
                 "logged and shown on this node."),
             inputs=[io.Model.Input("model", tooltip="The diffusion model to speed up (SD1.x, SD2.x or SDXL UNet)."),
-                    *strategy_inputs()],
+                    *strategy_inputs(), controlnet_reuse_input()],
             outputs=[io.Model.Output(tooltip="The model with FasterDiffusion hooked in (a clone; the input model "
                                              "is unchanged).")],
             hidden=[io.Hidden.unique_id],
@@ -66,6 +75,8 @@ class FasterDiffusionApply(io.ComfyNode):
         return validate_strategy(strategy)
 
     @classmethod
-    def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32) -> io.NodeOutput:
-        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, node_id(cls))
+    def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32,
+                controlnet_reuse=True) -> io.NodeOutput:
+        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, node_id(cls),
+                                            controlnet_reuse)
         return io.NodeOutput(patched)

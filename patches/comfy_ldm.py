@@ -5,7 +5,9 @@ line for line, so the decoder run on freshly computed features equals the host's
 (pinned by tests/test_comfy_unet.py).  Differences from the host, all deliberate:
   * ControlNet ``middle``/``output`` residuals are added out of place, so cached features stay clean
     and every decoder call gets *its own* step's residuals;
-  * cached tensors handed to ``output_block_patch`` patches are cloned (FreeU edits ``h`` in place).
+  * cached tensors handed to ``output_block_patch`` patches are cloned (FreeU edits ``h`` in place);
+  * with ControlNet reuse (``comfy_controlnet``) a key step keeps each ControlNet's own residuals with
+    its features, and the decoder of every step of the group sums those active at its own step.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, forward_timestep_embed, timestep_embedding
 
 from ..fasterdiffusion.runtime import Features, ModelCall, repeat_rows as _rows
+from .comfy_controlnet import DeferredControl, StepsControl, is_reused, merge_chain, reused_decoder_control
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -132,13 +135,13 @@ def run_encoder(unet, x, emb, context, control, to, kwargs) -> Features:
     to["block"] = ("middle", 0)
     if unet.middle_block is not None:
         h = forward_timestep_embed(unet.middle_block, h, emb, context, to, **vid)
-    return Features(hs, h, (to["transformer_index"], x.dtype))
+    return Features(hs, h, LdmMeta(to["transformer_index"], x.dtype))
 
 
 def run_decoder(unet, feats: Features, emb, context, control, to, kwargs):
     """Output blocks + ``out`` on cached features; never reads the latent."""
-    transformer_index, dtype = feats.meta
-    to["transformer_index"] = transformer_index
+    to["transformer_index"] = feats.meta.transformer_index
+    dtype = feats.meta.dtype
     patches = to.get("patches", {})
     out_patches = patches.get("output_block_patch", [])
     vid = _video_kwargs(unet, kwargs)
@@ -182,6 +185,15 @@ def _video_kwargs(unet, kwargs):
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
+class LdmMeta:
+    """What the decoder needs from the key step besides the tensors; ``controls``: each ControlNet's own
+    residuals at the key step, [(member, residuals)], when they are reused."""
+    transformer_index: int
+    dtype: torch.dtype
+    controls: list | None = None
+
+
+@dataclass
 class LdmCall:
     """The ComfyUI side of one call: ADM ``y``, ControlNet residuals, transformer_options, extra kwargs."""
     y: torch.Tensor | None
@@ -204,13 +216,19 @@ class LdmUNetAdapter:
 
     def encode(self, call: ModelCall, emb) -> Features:
         h = call.host
-        return run_encoder(self.unet, call.x, emb, call.context, h.control, h.to, h.kwargs)
+        if not isinstance(h.control, DeferredControl):
+            return run_encoder(self.unet, call.x, emb, call.context, h.control, h.to, h.kwargs)
+        kept = h.control.own_residuals()     # the ControlNets run here, once for the group
+        feats = run_encoder(self.unet, call.x, emb, call.context, merge_chain([r for _, r in kept]), h.to, h.kwargs)
+        feats.meta.controls = kept
+        return feats
 
     def decode(self, call: ModelCall, features: Features, emb):
         h = call.host
         if call.x is not None:   # a step's own call skips the encoder, which sets this for attention patches
             h.to["original_shape"] = list(call.x.shape)   # (ToMe, HyperTile); tiled calls carry their own
-        return run_decoder(self.unet, features, emb, call.context, h.control, h.to, h.kwargs)
+        control = reused_decoder_control(h.control, features.meta.controls) if is_reused(h.control) else h.control
+        return run_decoder(self.unet, features, emb, call.context, control, h.to, h.kwargs)
 
     def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:
         h = call.host
@@ -225,9 +243,16 @@ class LdmUNetAdapter:
             per_step = sigmas.view(n, -1)
             to["sigmas"] = per_step.repeat(1, b // per_step.shape[1]).flatten()
         to["original_shape"] = [b * n] + list(h.to.get("original_shape", [b]))[1:]
+        control = None   # fresh residuals are per step (never batched); reused ones are summed per step
+        if isinstance(h.control, DeferredControl):
+            control = StepsControl(h.control, list(sigmas.view(n, -1)[:, :1]), b)
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=_rows(call.context, n),
-                       host=LdmCall(_rows(h.y, n), None, to, h.kwargs))
+                       host=LdmCall(_rows(h.y, n), control, to, h.kwargs))
 
     def has_decoder_control(self, call: ModelCall) -> bool:
+        """Whether the call's decoder needs residuals of its own step that a batch cannot give it: fresh ones
+        (reuse off) always; reused ones only where the rows' sigmas are unknown."""
         control = call.host.control
+        if isinstance(control, DeferredControl):
+            return call.sigmas is None
         return control is not None and any(len(control.get(k) or []) for k in ("middle", "output"))

@@ -3,11 +3,14 @@
 Hooks (all public, all on a ``clone()``): an OUTER_SAMPLE wrapper that makes a fresh ``Run`` per
 sampling run (unless a FasterDiffusion sampler node owns the run), a PREDICT_NOISE wrapper that tells
 the run where each sampler evaluation starts, and a DIFFUSION_MODEL wrapper that hands every UNet call
-to the run through the ldm adapter (``comfy_ldm``).  Nothing else in ComfyUI is touched.
+to the run through the ldm adapter (``comfy_ldm``).  With ``controlnet_reuse``, one run's options also
+carry a CALC_COND_BATCH wrapper that defers the ControlNets to the run (``comfy_controlnet``).  Nothing
+else in ComfyUI is touched.
 
 Where the settings and the run live, one type per key:
   transformer_options["faster_diffusion"]      FasterDiffusionConfig  (the Apply node's settings)
   transformer_options["faster_diffusion_run"]  Run                    (in one sampling run's options only)
+  transformer_options["faster_diffusion_controlnet"]  ControlReuse   (likewise, with controlnet_reuse)
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import comfy.patcher_extension
 from ..fasterdiffusion.runtime import Run, RunConfig, format_report
 from ..fasterdiffusion.samplers import bypass_reason
 from ..fasterdiffusion.strategy import Strategy
+from .comfy_controlnet import CONTROL_KEY, ControlReuse, calc_cond_batch_wrapper, fresh as fresh_control
 from .comfy_ldm import LdmUNetAdapter, make_call, unsupported_reason as unet_unsupported_reason
 
 KEY = "faster_diffusion"
@@ -31,9 +35,11 @@ class FasterDiffusionConfig:
     """What a FasterDiffusion node sets (immutable during a run); ``reports`` collects one stats dict per
     finished run (read by tests and the UI)."""
 
-    def __init__(self, strategy: Strategy, parallel: bool = True, max_decoder_batch: int = 32, node_id=None):
+    def __init__(self, strategy: Strategy, parallel: bool = True, max_decoder_batch: int = 32, node_id=None,
+                 controlnet_reuse: bool = True):
         self.run_config = RunConfig(strategy, parallel, max_decoder_batch)
         self.node_id = node_id
+        self.controlnet_reuse = controlnet_reuse
         self.reports: list[dict] = []
 
     @property
@@ -83,8 +89,11 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
     options = comfy.model_patcher.create_model_options_clone(model_options)
     to = options["transformer_options"]
     to[RUN_KEY] = run
-    wrappers = to.setdefault("wrappers", {}).setdefault(WRAP.DIFFUSION_MODEL, {})
-    wrappers.setdefault(KEY, [diffusion_model_wrapper])
+    wrappers = to.setdefault("wrappers", {})
+    wrappers.setdefault(WRAP.DIFFUSION_MODEL, {}).setdefault(KEY, [diffusion_model_wrapper])
+    if config.controlnet_reuse and not run.bypass:
+        to[CONTROL_KEY] = ControlReuse(run)
+        wrappers.setdefault(WRAP.CALC_COND_BATCH, {})[KEY] = [calc_cond_batch_wrapper]
     return run, options
 
 
@@ -117,7 +126,7 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     unet = executor.class_obj
 
     def full():
-        return executor(x, timesteps, context, y, control, to, **kwargs)
+        return executor(x, timesteps, context, y, fresh_control(control), to, **kwargs)
 
     if run is None or unet_unsupported_reason(unet) or "multigpu_thread_device" in to:
         return full()
@@ -186,7 +195,8 @@ def without_faster_diffusion(model):
     return m
 
 
-def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder_batch=32, node_id=None):
+def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder_batch=32, node_id=None,
+                           controlnet_reuse=True):
     """A clone of ``model`` with encoder propagation hooked in (or the model itself, with a log line,
     if it cannot be served)."""
     reason = unsupported_reason(model)
@@ -197,7 +207,7 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
     if isinstance(m.model_options["transformer_options"].get(KEY), FasterDiffusionConfig):
         log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
         remove_hooks(m)
-    config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id)
+    config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id, controlnet_reuse)
     m.model_options["transformer_options"][KEY] = config
     m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(WRAP.PREDICT_NOISE, KEY, predict_noise_wrapper)

@@ -282,3 +282,35 @@ def flux_tiny_model(seed: int = 0):
                hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
                theta=10000, qkv_bias=True, guidance_embed=False)
     return build_model_patcher(comfy.supported_models.Flux(cfg), seed=seed)
+
+
+def digits_t2i_adapter(seed: int = 0):
+    """A random-weight T2I-Adapter (comfy.t2i_adapter ``Adapter``) for the digits UNet, as ComfyUI's
+    CONTROL_NET (comfy.controlnet.T2IAdapter).  Its three levels (32@8, 64@4, 64@2 for a 64x64 hint) are
+    laid out for the digits UNet's six input blocks, and the last one also goes to the middle block, as
+    SDXL adapters do: so it has encoder-side and decoder-side residuals."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+    from comfy.t2i_adapter.adapter import Adapter
+
+    class DigitsAdapter(Adapter):
+        def forward(self, x):
+            f = super().forward(x)["input"]        # [x2, -, -, x1, -, -, x0, -, -] (SD1.5 layout)
+            return {"input": [f[0], None, f[3], None, f[6], None], "middle": [f[0]]}
+
+    net = DigitsAdapter(channels=[32, 64, 64], nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    fan_in_init_(net, seed)
+    return comfy.controlnet.T2IAdapter(net, net.input_channels, 8, "nearest-exact", device=mm.get_torch_device())
+
+
+def digits_control_lora(seed: int = 0):
+    """A random Control-LoRA (comfy.controlnet.ControlLora) for the digits UNet: its ControlNet is the UNet's
+    own encoder (copied in pre_run) plus random hint block, zero convolutions and one LoRA pair."""
+    import torch
+    import comfy.controlnet
+    sd = digits_controlnet(seed).control_model.state_dict()
+    weights = {k: v for k, v in sd.items() if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))}
+    g = torch.Generator().manual_seed(seed + 1)
+    weights["input_blocks.1.0.in_layers.2.up"] = torch.randn(32, 4, generator=g) / 4
+    weights["input_blocks.1.0.in_layers.2.down"] = torch.randn(4, 32 * 9, generator=g) / 17
+    return comfy.controlnet.ControlLora(weights)

@@ -53,9 +53,9 @@ def digits(comfy):
     return tm.load_test_model()
 
 
-def apply(pack, model, strategy="paper", parallel=True, max_decoder_batch=32):
+def apply(pack, model, strategy="paper", parallel=True, max_decoder_batch=32, **optional):
     """Run the Apply node as ComfyUI would; returns (patched model, its config for reading stats)."""
-    (patched,) = pack.Apply.execute(model, strategy, parallel, max_decoder_batch)
+    (patched,) = pack.Apply.execute(model, strategy, parallel, max_decoder_batch, **optional)
     return patched, patched.model_options["transformer_options"].get(pack.cu.KEY)
 
 

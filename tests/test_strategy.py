@@ -155,3 +155,9 @@ def test_indices_up_to_the_bound_and_leading_zeros_are_fine():
     assert parse_strategy("0,000000000000000000007").steps == (0, 7)
     assert parse_strategy("uniform:0004").every == 4
     assert parse_strategy("UNIFORM : 4").every == 4 and parse_strategy("\t0 ;1\n").steps == (0, 1)
+
+
+def test_with_keys_splits_groups_and_keeps_the_name():
+    plan = make_plan("paper", 20).with_keys([7, 3, 25])          # 3 is a key already; 25 is past the end
+    assert plan.keys == (0, 1, 2, 3, 5, 7, 10, 15) and plan.strategy == "paper"
+    assert plan.group_of(6) == (5, 6) and plan.group_of(9) == (7, 8, 9)
