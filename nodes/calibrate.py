@@ -21,7 +21,8 @@ log = logging.getLogger("FasterDiffusion")
 # evaluate on every step of the schedule.
 OFF_SCHEDULE = OFF_SCHEDULE_ONLY
 SUPPORTED = [name for name in comfy.samplers.SAMPLER_NAMES if name not in OFF_SCHEDULE]
-# the first is the default: tools/calibration_compare.py picks it (better final images on both test models)
+# the first is the default: better final images than drift on both test models at 5-9 key steps of 50, worse at
+# 13 (tools/calibration_compare.py, docs/quality/calibration.md)
 CRITERIA = ["output_error", "drift"]
 BUDGET_MODES = ["keys", "gpu_time"]
 
@@ -73,7 +74,8 @@ class FasterDiffusionCalibrate:
                 "What the key steps minimise. output_error: how much each step's UNet output changes when its "
                 "decoder runs on the key step's older features, summed over each group and weighted by how far "
                 "the step moves the latent (measured in the same pass by extra decoder-only runs, about N^2/2 "
-                "for N steps, batched). drift: how far the encoder features move from the key step (no extra runs)."}),
+                "for N steps, batched). drift: how far the encoder features move from the key step (no extra runs; "
+                "did better on the test models with many key steps, about a quarter of the steps or more)."}),
             "budget_mode": (BUDGET_MODES, {"default": "keys", "tooltip":
                 "keys: the budget is key_steps (or target_cost when above 0). gpu_time: the budget is "
                 "gpu_time_fraction, the predicted GPU time with parallel decoders relative to every step in "
