@@ -9,8 +9,9 @@ from .strategy import (GRAMMAR, PAPER_KEYS_50, Plan, StrategyError, make_plan, p
                        predicted_cost_fraction, predicted_gpu_fraction)
 from .schedule import match_step
 from .injection import DEFAULT_ALPHA, DEFAULT_THRESHOLD, injection_scale, injection_steps
-from .calibrate import choose_keys, keys_for_cost, plan_drift
+from .calibrate import choose_keys, keys_for_cost, keys_for_gpu_time, plan_drift, plans_by_count
 
 __all__ = ["GRAMMAR", "PAPER_KEYS_50", "Plan", "StrategyError", "make_plan", "parse_strategy",
-           "predicted_cost_fraction", "predicted_gpu_fraction", "match_step", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "injection_scale",
-           "injection_steps", "choose_keys", "keys_for_cost", "plan_drift"]
+           "predicted_cost_fraction", "match_step", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "injection_scale",
+           "injection_steps", "choose_keys", "keys_for_cost", "keys_for_gpu_time", "plan_drift", "plans_by_count",
+           "predicted_gpu_fraction"]

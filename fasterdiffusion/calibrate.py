@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .strategy import SD15_GPU_MS, make_plan, predicted_gpu_fraction
+
 
 def plan_drift(drift: Sequence[Sequence[float]], keys: Sequence[int], n: int) -> float:
     """Total drift of the plan with these key steps over ``n`` steps."""
@@ -21,7 +23,13 @@ def choose_keys(drift: Sequence[Sequence[float]], n: int, num_keys: int) -> list
     key, so the result is deterministic."""
     if n < 1:
         return []
-    k_max = max(1, min(num_keys, n))
+    return plans_by_count(drift, n, num_keys)[max(1, min(num_keys, n))]
+
+
+def plans_by_count(drift: Sequence[Sequence[float]], n: int, k_max: int) -> dict[int, list[int]]:
+    """For every key count 1..k_max (at most n), its least-drift key steps, from one dynamic programme.
+    ``drift`` may be any additive cost (encoder drift, output error); entries may be negative."""
+    k_max = max(1, min(k_max, n))
     # group_cost[a][b]: drift of a group keyed at a that covers steps a..b-1
     group_cost = [[0.0] * (n + 1) for _ in range(n)]
     for a in range(n):
@@ -43,12 +51,15 @@ def choose_keys(drift: Sequence[Sequence[float]], n: int, num_keys: int) -> list
                 c = best[k - 1][a] + group_cost[a][b]
                 if c < best[k][b] - 1e-15:
                     best[k][b], back[k][b] = c, a
-    keys, b = [], n
-    for k in range(k_max, 0, -1):
-        a = back[k][b]
-        keys.append(a)
-        b = a
-    return sorted(keys)
+    plans = {}
+    for k_total in range(1, k_max + 1):
+        keys, b = [], n
+        for k in range(k_total, 0, -1):
+            a = back[k][b]
+            keys.append(a)
+            b = a
+        plans[k_total] = sorted(keys)
+    return plans
 
 
 def keys_for_cost(drift: Sequence[Sequence[float]], n: int, cost_fraction: float, encoder_share: float) -> list[int]:
@@ -56,3 +67,18 @@ def keys_for_cost(drift: Sequence[Sequence[float]], n: int, cost_fraction: float
     # cost = (K + (n - K) * (1 - share)) / n  <=  f   <=>   K <= n (f - 1 + share) / share
     k = int(n * (cost_fraction - 1 + encoder_share) / encoder_share + 1e-9)
     return choose_keys(drift, n, max(1, min(n, k)))
+
+
+def keys_for_gpu_time(drift: Sequence[Sequence[float]], n: int, gpu_fraction: float) -> list[int]:
+    """The least-drift plan with the most key steps whose predicted GPU time with parallel decoders
+    (``strategy.predicted_gpu_fraction``) is at most ``gpu_fraction``; the one-key plan when none is."""
+    if n < 1:
+        return []
+    # every group costs at least encoder + one-wide decoder: more keys than this cannot fit
+    floor_ms = SD15_GPU_MS["encoder"] + SD15_GPU_MS["decoder"][0][1]
+    k_max = min(n, int(gpu_fraction * n * SD15_GPU_MS["full"] / floor_ms) + 1)
+    plans = plans_by_count(drift, n, k_max)
+    for k in range(len(plans), 0, -1):
+        if predicted_gpu_fraction(make_plan(",".join(map(str, plans[k])), n)) <= gpu_fraction + 1e-12:
+            return plans[k]
+    return plans[1]

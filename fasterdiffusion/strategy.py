@@ -181,27 +181,28 @@ def predicted_cost_fraction(plan: Plan, encoder_share: float, parallel: bool = F
     return total / plan.num_steps
 
 
-# Measured on an H100 with ComfyUI's SD1.5 UNet, eager fp16, 512x512, CFG (shared/docs/gpu.md): ms per call
-# of the full UNet, of encoder+middle, and of one decoder batch holding w steps.  The editor's web/js/strategy.js
-# holds the same numbers (a test compares the two).
-GPU_MS_SD15_H100 = {"full": 34.6, "encoder": 14.5,
-                    "decoder": ((1, 19.3), (2, 20.0), (4, 23.6), (5, 26.1), (8, 34.6), (10, 41.1), (15, 58.1))}
+# GPU time of ComfyUI's SD1.5 UNet, eager fp16, 512x512, CFG, on an H100 (shared/docs/gpu.md): ms per call of
+# the full UNet, of encoder+middle, and of one decoder batch holding w steps.  The editor's web/js/strategy.js
+# holds the same numbers (GPU_MS; a test compares the two predictions).
+SD15_GPU_MS = {"full": 34.6, "encoder": 14.5,
+               "decoder": ((1, 19.3), (2, 20.0), (4, 23.6), (5, 26.1), (8, 34.6), (10, 41.1), (15, 58.1))}
 
 
 def _decoder_ms(width: int) -> float:
-    pts = GPU_MS_SD15_H100["decoder"]
+    """Piecewise-linear in the measured widths, extended linearly past the widest."""
+    pts = SD15_GPU_MS["decoder"]
     for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
         if width <= w1:
             return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
     (wa, ta), (wb, tb) = pts[-2], pts[-1]
-    return tb + (tb - ta) * (width - wb) / (wb - wa)        # past the curve: its last slope
+    return tb + (tb - ta) * (width - wb) / (wb - wa)
 
 
 def predicted_gpu_fraction(plan: Plan) -> float:
-    """UNet time of ``plan`` with parallel decoders relative to every step in full, on an eager SD1.5 UNet on a
-    GPU (the H100 batch-cost curve above): a group costs one encoder pass plus one decoder batch of its width."""
+    """GPU time of the plan with parallel decoders relative to every step in full, on the SD1.5 model above
+    (a key step alone in its group runs in full; a group costs one encoder pass and one decoder batch)."""
     if plan.num_steps == 0:
         return 1.0
-    ms = GPU_MS_SD15_H100
+    ms = SD15_GPU_MS
     total = sum(ms["full"] if len(g) == 1 else ms["encoder"] + _decoder_ms(len(g)) for g in plan.groups)
     return total / (plan.num_steps * ms["full"])

@@ -8,7 +8,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..fasterdiffusion import choose_keys, keys_for_cost, make_plan, plan_drift
+from ..fasterdiffusion import (choose_keys, keys_for_cost, keys_for_gpu_time, make_plan, plan_drift,
+                               predicted_gpu_fraction)
 from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
@@ -22,6 +23,10 @@ log = logging.getLogger("FasterDiffusion")
 # evaluate on every step of the schedule.
 OFF_SCHEDULE = OFF_SCHEDULE_ONLY
 SUPPORTED = [name for name in comfy.samplers.SAMPLER_NAMES if name not in OFF_SCHEDULE]
+# the first is the default: better final images than drift on both test models at 5-9 key steps of 50, worse at
+# 13 (tools/calibration_compare.py, docs/quality/calibration.md)
+CRITERIA = ["output_error", "drift"]
+BUDGET_MODES = ["keys", "gpu_time"]
 
 
 def sampler_problem(sampler_name):
@@ -42,8 +47,9 @@ class FasterDiffusionCalibrate(io.ComfyNode):
             display_name="FasterDiffusion Calibrate",
             category=CATEGORY,
             description=("Runs one full sampling pass with these settings, measures how much the UNet encoder's "
-                         "features change from step to step, and chooses the key steps that keep the decoder's "
-                         "view least stale for the given number of encoder passes. Connect its strategy output to "
+                         "features change from step to step (and, with the output_error criterion, what that does "
+                         "to the decoder's output), and chooses the key steps that keep the decoder's view least "
+                         "stale for the given number of encoder passes or predicted GPU time. Connect its strategy output to "
                          "a FasterDiffusion node's strategy input (convert the widget to an input), or copy the text. "
                          "Deterministic for the same inputs."),
             inputs=[
@@ -65,6 +71,20 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                 io.Float.Input("target_cost", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=
                     "Budget as predicted UNet FLOPs relative to running every step in full (e.g. 0.8); when above "
                     "0 it replaces key_steps. Uses the encoder's FLOP share measured on this model."),
+                Choice("criterion", options=CRITERIA, default=CRITERIA[0], optional=True, tooltip=
+                    "What the key steps minimise. output_error: how much each step's UNet output changes when its "
+                    "decoder runs on the key step's older features, summed over each group and weighted by how far "
+                    "the step moves the latent (measured in the same pass by extra decoder-only runs, about N^2/2 "
+                    "for N steps, batched). drift: how far the encoder features move from the key step (no extra "
+                    "runs; did better on the test models with many key steps, about a quarter of the steps or more)."),
+                Choice("budget_mode", options=BUDGET_MODES, default="keys", optional=True, tooltip=
+                    "keys: the budget is key_steps (or target_cost when above 0). gpu_time: the budget is "
+                    "gpu_time_fraction, the predicted GPU time with parallel decoders relative to every step in "
+                    "full; the most key steps that fit are used."),
+                io.Float.Input("gpu_time_fraction", default=0.5, min=0.0, max=1.0, step=0.01, optional=True, tooltip=
+                    "With budget_mode gpu_time: the GPU time to aim for, relative to running every step in full "
+                    "(e.g. 0.4 = 2.5x faster). Predicted with the strategy editor's cost model (SD1.5 UNet, fp16, "
+                    "512x512, CFG, measured on an H100); other models and GPUs differ."),
             ],
             outputs=[
                 io.String.Output("strategy", display_name="strategy",
@@ -83,12 +103,15 @@ class FasterDiffusionCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
-                target_cost=0.0) -> io.NodeOutput:
+                target_cost=0.0, criterion=CRITERIA[0], budget_mode="keys", gpu_time_fraction=0.5) -> io.NodeOutput:
         if problem := sampler_problem(sampler_name):
             raise ValueError(problem)
+        if criterion not in CRITERIA or budget_mode not in BUDGET_MODES:
+            raise ValueError(f"FasterDiffusion Calibrate: criterion must be one of {CRITERIA} and budget_mode one of "
+                             f"{BUDGET_MODES}, got {criterion!r} and {budget_mode!r}.")
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, model_options=model.model_options).sigmas
-        recorder_model, recorder = recording_model(model, sigmas.tolist())
+        recorder_model, recorder = recording_model(model, sigmas.tolist(), stale_outputs=criterion == "output_error")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         samples = comfy.sample.sample_custom(recorder_model, noise, cfg, comfy.samplers.sampler_object(sampler_name),
@@ -96,14 +119,20 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                                              callback=latent_preview.prepare_callback(model, steps),
                                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         n = len(sigmas) - 1
-        drift = recorder.drift()
-        keys = (keys_for_cost(drift, n, target_cost, recorder.encoder_share) if target_cost > 0
-                else choose_keys(drift, n, key_steps))
+        cost = recorder.output_error() if criterion == "output_error" else recorder.drift()
+        if budget_mode == "gpu_time":
+            keys = keys_for_gpu_time(cost, n, gpu_time_fraction)
+        elif target_cost > 0:
+            keys = keys_for_cost(cost, n, target_cost, recorder.encoder_share)
+        else:
+            keys = choose_keys(cost, n, key_steps)
         strategy = ",".join(map(str, keys))
         uniform_k = max(1, -(-n // len(keys)))
-        text = (f"FasterDiffusion calibrated {len(keys)} key steps of {n}: {strategy}; encoder drift "
-                f"{plan_drift(drift, keys, n):.3g} (uniform:{uniform_k} {plan_drift(drift, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "
-                f"paper {plan_drift(drift, make_plan('paper', n).keys, n):.3g})")
+        name = criterion.replace("_", " ")
+        text = (f"FasterDiffusion calibrated {len(keys)} key steps of {n}: {strategy} (predicted SD1.5 GPU time "
+                f"{predicted_gpu_fraction(make_plan(strategy, n)):.0%}); {name} "
+                f"{plan_drift(cost, keys, n):.3g} (uniform:{uniform_k} {plan_drift(cost, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "
+                f"paper {plan_drift(cost, make_plan('paper', n).keys, n):.3g})")
         log.info(text)
         show_on_node(node_id(cls), text)
         out = latent_image.copy()

@@ -13,10 +13,12 @@ def calibrate(pack):
     import nodes
     node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
 
-    def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7), target_cost=0.0):
+    def run(model, tok, key_steps=7, steps=20, sampler="euler", scheduler="normal", seed=0, digits=(2, 7), target_cost=0.0,
+            **optional):
         pos, neg = tm.digit_conditioning(tok, list(digits))
         latent = {"samples": torch.zeros(len(digits), 4, 8, 8)}
-        return node.execute(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps, target_cost)
+        return node.execute(model, seed, steps, 3.0, sampler, scheduler, pos, neg, latent, key_steps, target_cost,
+                            **optional)
     return run
 
 
@@ -72,3 +74,48 @@ def test_samplers_off_the_schedule_are_refused_up_front(calibrate, digits, sampl
     assert node.validate_inputs(sampler_name="dpmpp_2m") is True
     options = node.INPUT_TYPES()["required"]["sampler_name"][1]["options"]
     assert sampler not in options and "dpmpp_2m" in options
+
+
+def measured(pack, model, tok, stale_outputs, steps=20):
+    """The recorder of the same full pass the node runs (digits 2 and 7, seed 0, euler, normal)."""
+    import comfy.samplers
+    from importlib import import_module
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    recorder_model, recorder = cal.recording_model(model, sigmas.tolist(), stale_outputs=stale_outputs)
+    tm.sample_digits(recorder_model, tok, [2, 7], seed=0, steps=steps)
+    return recorder
+
+
+def test_the_criterion_input_picks_the_matrix_and_defaults_to_output_error(pack, calibrate, digits):
+    import nodes
+    from fasterdiffusion import choose_keys
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCalibrate"]
+    optional = node.INPUT_TYPES()["optional"]
+    assert list(optional["criterion"][1]["options"]) == ["output_error", "drift"]
+    assert optional["criterion"][1]["default"] == "output_error"
+    assert all(spec[1].get("tooltip") for spec in optional.values())
+    stale = measured(pack, *digits, stale_outputs=True)
+    want = {"output_error": choose_keys(stale.output_error(), 20, 5), "drift": choose_keys(stale.drift(), 20, 5)}
+    assert want["output_error"] != want["drift"], "a case where the criteria disagree"
+    assert calibrate(*digits, key_steps=5)[0] == ",".join(map(str, want["output_error"])), "a saved workflow: default"
+    for criterion, keys in want.items():
+        strategy = calibrate(*digits, key_steps=5, criterion=criterion)[0]
+        assert strategy == ",".join(map(str, keys)), criterion
+        assert calibrate(*digits, key_steps=5, criterion=criterion)[0] == strategy, "deterministic"
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        calibrate(*digits, criterion="psnr")
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.75])
+def test_a_gpu_time_budget_gets_the_most_keys_that_fit(pack, calibrate, digits, fraction):
+    from fasterdiffusion import choose_keys, predicted_gpu_fraction
+    cost = measured(pack, *digits, stale_outputs=True).output_error()
+    strategy = calibrate(*digits, budget_mode="gpu_time", gpu_time_fraction=fraction, key_steps=1, target_cost=0.9)[0]
+    plan = make_plan(strategy, 20)
+    assert predicted_gpu_fraction(plan) <= fraction, "within the budget (key_steps and target_cost are ignored)"
+    assert list(plan.keys) == choose_keys(cost, 20, len(plan.keys)), "the criterion's best plan of that size"
+    for more in range(len(plan.keys) + 1, 21):
+        assert predicted_gpu_fraction(make_plan(",".join(map(str, choose_keys(cost, 20, more))), 20)) > fraction, more
+    assert calibrate(*digits, budget_mode="keys", gpu_time_fraction=fraction, key_steps=6)[0].count(",") == 5, \
+        "the fraction is read only in gpu_time mode"

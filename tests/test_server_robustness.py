@@ -121,6 +121,9 @@ BAD = [  # (graph, node, input, value, text the error must contain)
     (calibrate, "15", "sampler_name", "no_such_sampler", "'no_such_sampler' is not a ComfyUI sampler"),
     (calibrate, "15", "key_steps", 0, "smaller than min"),
     (calibrate, "15", "target_cost", 2.0, "bigger than max"),
+    (calibrate, "15", "criterion", "psnr", "not in"),                 # the optional inputs are checked too
+    (calibrate, "15", "budget_mode", "seconds", "not in"),
+    (calibrate, "15", "gpu_time_fraction", 2.0, "bigger than max"),
 ]
 
 
@@ -143,6 +146,9 @@ def test_good_prompts_of_each_kind_still_pass_validation_and_run(server):
     url, base_dir = server
     for make in (apply_ksampler, fd_ksampler, fd_sampler_custom, calibrate):
         assert run_alone(url, base_dir, make).shape == (1, 4, 8, 8), make.__name__
+    # a saved Calibrate prompt has no optional inputs (above); a new one sets them
+    assert run_alone(url, base_dir, calibrate, criterion="drift", budget_mode="gpu_time",
+                     gpu_time_fraction=0.6).shape == (1, 4, 8, 8)
 
 
 # ------------------------------------------------------------------------------------- interrupt

@@ -33,6 +33,14 @@ def test_key_steps_match_python(tmp_path):
         assert tuple(keys) == make_plan(text, n).keys, (text, n)
 
 
+def test_gpu_time_prediction_matches_python(tmp_path):
+    """The Calibrate node's gpu_time budget and the editor's cost readout are one cost model."""
+    from fasterdiffusion import predicted_gpu_fraction
+    js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(CASES)}.map(([t, n]) => s.predictedCost(s.keySteps(t, n), n).gpu)));")
+    for (text, n), gpu in zip(CASES, js):
+        assert predicted_gpu_fraction(make_plan(text, n)) == pytest.approx(gpu, rel=1e-12), (text, n)
+
+
 def test_bad_strings_are_refused_by_both(tmp_path):
     js = run_js(tmp_path, f"""console.log(JSON.stringify({json.dumps(BAD)}.map((t) => {{
         try {{ s.parseStrategy(t); return null; }} catch (e) {{ return e.message; }} }})));""")
