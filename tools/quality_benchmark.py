@@ -186,21 +186,23 @@ def main():
 
     # calibrate on other seeds than the scored ones
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
-    rec_model, recorder = calibration.recording_model(model, sigmas.tolist())
+    # both criteria of the Calibrate node from one recording pass: encoder drift, and the decoder-output error
+    rec_model, recorder = calibration.recording_model(model, sigmas.tolist(), stale_outputs=True)
     sample(rec_model, comfy.samplers.sampler_object("euler"), STEPS, list(range(10)), 1000)
-    drift = recorder.drift()
-    calibrated = {k: ",".join(map(str, engine.choose_keys(drift, STEPS, k))) for k in (5, 7, 9, 13, 17)}
+    criteria = {"drift": recorder.drift(), "output": recorder.output_error()}
+    calibrated = {(c, k): ",".join(map(str, engine.choose_keys(m, STEPS, k)))
+                  for c, m in criteria.items() for k in (5, 9, 13)}
 
     configs = {f"baseline {n} steps": ("baseline", plain(n), None) for n in (50, 30, 25, 20, 15, 10, 8)}
     for s in ["paper", "uniform:2", "uniform:3", "uniform:4", "uniform:5", "uniform:6", LATE_DENSE]:
         label = "late-dense (paper Non-uniform II)" if s == LATE_DENSE else s
         configs[f"FD {label}"] = ("FD", fd(s), (s, STEPS))
-    for k, s in calibrated.items():
-        configs[f"FD calibrated, {k} keys"] = ("FD", fd(s), (s, STEPS))
-    for s, label in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated[9], "calibrated, 9 keys")):
-        configs[f"FD {label} + injection"] = ("FD+inj", fd(s, 0.003), (s, STEPS))
     for n, s in ((25, "uniform:2"), (25, "uniform:3"), (20, "uniform:2"), (15, "uniform:2")):
         configs[f"FD {n} steps + {s}"] = ("FD fewer steps", fd(s, steps=n), (s, n))
+    for (c, k), s in calibrated.items():
+        configs[f"FD calibrated {c}, {k} keys"] = ("FD", fd(s), (s, STEPS))
+    for s, label in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated["output", 9], "calibrated output, 9 keys")):
+        configs[f"FD {label} + injection"] = ("FD+inj", fd(s, 0.003), (s, STEPS))
     for th in (0.1, 0.2, 0.4):
         (ec,) = EasyCacheNode.execute(model, th, 0.15, 0.95, False).result
         configs[f"EasyCache {th}"] = ("EasyCache", plain(STEPS, ec), None)
@@ -234,7 +236,7 @@ def main():
         lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
                  f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} "
                  f"--samples {args.samples}` (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
-                 spread_text + " Calibrated keys (from seeds 1000-1009): " + "; ".join(f"{k}: `{v}`" for k, v in calibrated.items()), "",
+                 spread_text + " Calibrated keys (from seeds 1000-1009): " + "; ".join(f"{c} {k}: `{v}`" for (c, k), v in calibrated.items()), "",
                  "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
                  "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
                  "(one image, CFG, parallel decoders).", "",
@@ -304,7 +306,7 @@ def read_rows(table):
 def point_label(name):
     """A short label for a point: 'paper', 'u:3', 'cal 9', '20 steps', 'EC 0.1', ' +inj' where injected."""
     label = (name.removeprefix("FD ").removeprefix("baseline ").replace("uniform:", "u:")
-             .replace("calibrated, ", "cal ").replace(" keys", "").replace("late-dense (paper Non-uniform II)", "late-dense")
+             .replace("calibrated, ", "cal ").replace("calibrated drift, ", "cal-d ").replace("calibrated output, ", "cal-o ").replace(" keys", "").replace("late-dense (paper Non-uniform II)", "late-dense")
              .replace("EasyCache", "EC").replace(" + injection", " +inj"))
     return label
 
