@@ -150,6 +150,9 @@ def test_strategy_editor_end_to_end(page):
 
 
 WORKFLOWS = sorted((tm.REPO / "workflows").glob("*.json"))
+# examples as the V1 nodes saved them (commit 9e1217e), before the move to V3 and the optional controlnet_reuse
+# widget: they must load and run unchanged
+SAVED_BEFORE_V3 = sorted((tm.REPO / "tests" / "data" / "saved_workflows").glob("*.json"))
 SUBSTITUTE = {"CheckpointLoaderSimple": "FDTestCheckpoint", "CLIPTextEncode": "FDTestTextEncode",
               "VAEDecode": "FDTestVAEDecode", "UNETLoader": "FDTestUNetLoader"}
 
@@ -169,7 +172,8 @@ def classic_page(server):
         browser.close()
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS + SAVED_BEFORE_V3,
+                         ids=[p.stem for p in WORKFLOWS] + [f"saved-before-v3-{p.stem}" for p in SAVED_BEFORE_V3])
 def test_example_workflow_loads_converts_and_runs(classic_page, path):
     """Each shipped workflow loads in the real frontend, becomes an API prompt, and runs on the test host
     with the test models in place of the checkpoint (CLIP and VAE swapped likewise; all else as saved)."""
