@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def main():
     ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="the Fashion model's inference dtype")
     ap.add_argument("--samples", type=int, default=600)   # FD-digits seed spread ~2 at 600, ~12 at 200
     ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--calibration-samples", type=int, default=10, help="samples of the calibration pass (seeds 1000..)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations (smoke tests)")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
     ap.add_argument("--replot", action="store_true", help="redraw the plot from the saved table")
@@ -188,7 +190,7 @@ def main():
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
     # both criteria of the Calibrate node from one recording pass: encoder drift, and the decoder-output error
     rec_model, recorder = calibration.recording_model(model, sigmas.tolist(), stale_outputs=True)
-    sample(rec_model, comfy.samplers.sampler_object("euler"), STEPS, list(range(10)), 1000)
+    sample(rec_model, comfy.samplers.sampler_object("euler"), STEPS, [c % 10 for c in range(args.calibration_samples)], 1000)
     criteria = {"drift": recorder.drift(), "output": recorder.output_error()}
     calibrated = {(c, k): ",".join(map(str, engine.choose_keys(m, STEPS, k)))
                   for c, m in criteria.items() for k in (5, 9, 13)}
@@ -234,9 +236,10 @@ def main():
         spread_text = (f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
                        f"(spread {max(spread) - min(spread):.2f})." if spread else "(Seed spread not measured: the run was cut short.)")
         lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
-                 f"Command: `bash tools/run.sh quality --model {args.model} --device {args.device} --dtype {args.dtype} "
-                 f"--samples {args.samples}` (measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
-                 spread_text + " Calibrated keys (from seeds 1000-1009): " + "; ".join(f"{c} {k}: `{v}`" for (c, k), v in calibrated.items()), "",
+                 f"Command: `bash tools/run.sh quality {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
+                 f"(measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
+                 spread_text + " Calibrated keys (seed 1000): " + "; ".join(f"{c} {k}: `{v}`" for (c, k), v in calibrated.items())
+                 + f" (calibration pass: {args.calibration_samples} samples)", "",
                  "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
                  "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
                  "(one image, CFG, parallel decoders).", "",
