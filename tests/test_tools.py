@@ -57,13 +57,26 @@ def test_quality_plot_redraws_from_the_saved_table_with_every_point_labelled(qua
     stdout = run_tool(TOOLS / "quality_benchmark.py", "--replot", "--out", tmp_path, timeout=120)
     assert (tmp_path / "quality_vs_cost.png").stat().st_size > 10_000, stdout
     rows = quality.read_rows(tmp_path / "quality.md")
-    assert len(rows) == 22 and rows[0]["name"] == "baseline 50 steps" and rows[0]["psnr"] == float("inf")
-    assert {r["family"] for r in rows} == {"baseline", "FD", "FD+inj", "EasyCache"}
+    assert len(rows) >= 25 and rows[0]["name"] == "baseline 50 steps" and rows[0]["psnr"] == float("inf")
+    assert {r["family"] for r in rows} == {"baseline", "FD", "FD+inj", "FD fewer steps", "EasyCache"}
+    assert all(r["gpu"] is not None and r["measured"] is not None for r in rows), "the two time columns"
     fig = quality.plot(rows, tmp_path / "again.png")
-    fd_axis, psnr_axis = fig.axes
+    assert len(fig.axes) == 6, "FD and PSNR against FLOPs, composed GPU time and measured time"
+    fd_axis, psnr_axis = fig.axes[0], fig.axes[3]
     assert sorted(t.get_text() for t in fd_axis.texts) == sorted(quality.point_label(r["name"]) for r in rows)
     assert len(psnr_axis.texts) == len(rows) - 1, "every point but the reference itself (PSNR infinite)"
     assert "u:3" in [t.get_text() for t in psnr_axis.texts]
+    assert len({quality.point_label(r["name"]) for r in rows}) == len(rows), "labels tell the points apart"
+
+
+def test_quality_table_of_the_first_version_still_reads(quality, tmp_path):
+    """A table without the time columns (the first version's) gives gpu = measured = None and a FLOPs-only plot."""
+    table = tmp_path / "old.md"
+    table.write_text("| configuration | UNet FLOPs | wall s | FD-digits ↓ | accuracy | PSNR to 50-step run |\n|---|---|---|---|---|---|\n"
+                     "| baseline 50 steps | 1.000 | 112.8 | 96.61 | 100% | ∞ |\n| FD uniform:3 | 0.820 | 80.1 | 97.75 | 100% | 33.89 |\n")
+    rows = quality.read_rows(table)
+    assert [r["name"] for r in rows] == ["baseline 50 steps", "FD uniform:3"] and rows[1]["gpu"] is None
+    assert len(quality.plot(rows, tmp_path / "old.png").axes) == 2
 
 
 def test_ci_runs_exactly_the_readme_test_command():
