@@ -93,6 +93,21 @@ def _base_model(model_config, model_type):
     return cls(model_config, model_type=model_type)
 
 
+def eps_loss(unet, sigmas, tokens, data, labels, batch: int, null_class: int, p_uncond: float):
+    """One class-conditional epsilon-prediction loss on the SD noise schedule, exactly as ComfyUI samples it:
+    a random batch of ``data`` (model-space latents), labels dropped to ``null_class`` with ``p_uncond`` (CFG)."""
+    import torch
+    device = data.device
+    idx = torch.randint(0, len(data), (batch,), device=device)
+    x0, y = data[idx], labels[idx].clone()
+    y[torch.rand(batch, device=device) < p_uncond] = null_class
+    t = torch.randint(0, 1000, (batch,), device=device)
+    s = sigmas[t].view(-1, 1, 1, 1)
+    eps = torch.randn_like(x0)
+    x_in = (x0 + s * eps) / torch.sqrt(1 + s * s)          # ComfyUI's EPS calculate_input
+    return torch.nn.functional.mse_loss(unet(x_in, t.float(), tokens[y]), eps)
+
+
 def digits_model_config():
     import comfy.supported_models
     mc = comfy.supported_models.SD15(DIGITS_UNET_CONFIG)

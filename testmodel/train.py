@@ -47,14 +47,7 @@ def main():
 
     losses, t0 = [], time.time()
     for step in range(STEPS):
-        idx = torch.randint(0, len(data), (BATCH,))
-        x0, y = data[idx], labels[idx].clone()
-        y[torch.rand(BATCH) < P_UNCOND] = tm.NULL_CLASS
-        t = torch.randint(0, 1000, (BATCH,))
-        s = sigmas[t].view(-1, 1, 1, 1)
-        eps = torch.randn_like(x0)
-        x_in = (x0 + s * eps) / torch.sqrt(1 + s * s)          # ComfyUI's EPS calculate_input
-        loss = torch.nn.functional.mse_loss(unet(x_in, t.float(), tokens[y]), eps)
+        loss = tm.eps_loss(unet, sigmas, tokens, data, labels, BATCH, tm.NULL_CLASS, P_UNCOND)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

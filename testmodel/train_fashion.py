@@ -67,14 +67,7 @@ def train_unet(device, steps: int, batch: int, lr: float, max_minutes: float, lo
     ema_decay = 0.999 if steps >= 4000 else 0.995
     losses, t0, step = [], time.time(), 0
     for step in range(steps):
-        idx = torch.randint(0, len(data), (batch,), device=device)
-        x0, y = data[idx], labels[idx].clone()
-        y[torch.rand(batch, device=device) < 0.1] = fm.NULL_CLASS
-        t = torch.randint(0, 1000, (batch,), device=device)
-        s = sigmas[t].view(-1, 1, 1, 1)
-        eps = torch.randn_like(x0)
-        x_in = (x0 + s * eps) / torch.sqrt(1 + s * s)          # ComfyUI's EPS calculate_input
-        loss = torch.nn.functional.mse_loss(unet(x_in, t.float(), tokens[y]), eps)
+        loss = tm.eps_loss(unet, sigmas, tokens, data, labels, batch, fm.NULL_CLASS, 0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
