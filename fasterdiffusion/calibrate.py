@@ -4,6 +4,11 @@
 decoder of step j sees wrong if a is its key step.  A plan's total drift is the sum over non-key steps of
 the drift from their group's key step.  ``choose_keys`` finds the plan with the least total drift for a
 given number of key steps, exactly, by dynamic programming over group boundaries (O(K N^2)).
+
+With forecast propagation a group's error also depends on the key before its own (the decoder sees
+features extrapolated from both), so its cost is a table ``cost[p + 1][a][b]`` (previous key p, -1 for
+none; the group keyed at a covers a..b-1; ``forecast_costs`` builds it) and the programme runs over pairs of
+consecutive keys (O(K N^3), vectorised).  Every function here takes either kind of cost.
 """
 from __future__ import annotations
 
@@ -12,9 +17,16 @@ from typing import Sequence
 from .strategy import SD15_GPU_MS, make_plan, predicted_gpu_fraction
 
 
-def plan_drift(drift: Sequence[Sequence[float]], keys: Sequence[int], n: int) -> float:
-    """Total drift of the plan with these key steps over ``n`` steps."""
+def is_forecast_cost(cost) -> bool:
+    return getattr(cost, "ndim", 2) == 3
+
+
+def plan_drift(drift, keys: Sequence[int], n: int) -> float:
+    """Total drift (or any cost ``choose_keys`` takes) of the plan with these key steps over ``n`` steps."""
     bounds = sorted(set(keys)) + [n]
+    if is_forecast_cost(drift):
+        prev = [-1] + bounds[:-2]
+        return float(sum(drift[p + 1][a][b] for p, a, b in zip(prev, bounds, bounds[1:])))
     return sum(drift[a][j] for a, b in zip(bounds, bounds[1:]) for j in range(a + 1, b))
 
 
@@ -30,6 +42,8 @@ def plans_by_count(drift: Sequence[Sequence[float]], n: int, k_max: int) -> dict
     """For every key count 1..k_max (at most n), its least-drift key steps, from one dynamic programme.
     ``drift`` may be any additive cost (encoder drift, output error); entries may be negative."""
     k_max = max(1, min(k_max, n))
+    if is_forecast_cost(drift):
+        return _plans_by_count_pairs(drift, n, k_max)
     # group_cost[a][b]: drift of a group keyed at a that covers steps a..b-1
     group_cost = [[0.0] * (n + 1) for _ in range(n)]
     for a in range(n):
@@ -82,3 +96,86 @@ def keys_for_gpu_time(drift: Sequence[Sequence[float]], n: int, gpu_fraction: fl
         if predicted_gpu_fraction(make_plan(",".join(map(str, plans[k])), n)) <= gpu_fraction + 1e-12:
             return plans[k]
     return plans[1]
+
+
+def _plans_by_count_pairs(cost, n: int, k_max: int) -> dict[int, list[int]]:
+    """``plans_by_count`` for a forecast cost ``cost[p + 1][a][b]``: the state is the last two keys."""
+    import numpy as np
+    c = np.asarray(cost, dtype=np.float64)
+    # f[p + 1, a]: least cost of the groups before a, a being the k-th key and p the one before it
+    f = np.full((n + 1, n), np.inf)
+    f[0, 0] = 0.0
+    backs, plans = [], {}
+    for k in range(1, k_max + 1):
+        total = f + c[:, :, n]                          # close the plan: the last group a..n-1
+        p1, a = (int(i) for i in np.unravel_index(np.argmin(total), total.shape))
+        if np.isfinite(total[p1, a]):
+            keys = [a]
+            for back in reversed(backs):
+                p1, a = int(back[p1, a]), p1 - 1
+                keys.append(a)
+            plans[k] = sorted(keys)
+        if k == k_max:
+            break
+        g = np.full((n + 1, n), np.inf)                 # g[a + 1, b] = min_p f[p + 1, a] + cost[p + 1][a][b]
+        back = np.full((n + 1, n), -1, dtype=np.int64)
+        for a in range(n - 1):
+            if not np.isfinite(f[:, a]).any():
+                continue
+            m = f[:, a][:, None] + c[:, a, a + 1:n]    # (p + 1, b)
+            best = np.argmin(m, axis=0)
+            g[a + 1, a + 1:n] = m[best, np.arange(m.shape[1])]
+            back[a + 1, a + 1:n] = best
+        f = g
+        backs.append(back)
+    for k in range(2, k_max + 1):
+        plans.setdefault(k, plans[k - 1])
+    return plans
+
+
+def forecast_costs(changes: dict, n: int):
+    """``cost[p + 1][a][b]`` for forecast propagation (order 1, in the step index) from the measured output
+    changes ``changes[chunk][(a, j)]`` = step-weighted (decoder of step j on step a's features) - (its own
+    output).  The decoder is taken as linear over the short extrapolation, so the change on forecast features
+    f_a + r (f_a - f_p), r = (j - a) / (a - p), is (1 + r) c_aj - r c_pj: the group's cost is the squared norm
+    of its summed change, summed over chunks (coherent, as ``DriftRecorder.output_error``).  The first group
+    (key 0, p = -1) reuses; pairs that cannot follow each other cost infinity."""
+    import numpy as np
+    cost = np.full((n + 1, n, n + 1), np.inf)
+    for a in range(n):
+        for p in ([-1] if a == 0 else range(a)):
+            cost[p + 1, a, a + 1:] = 0.0
+    for chunk in changes.values():
+        for a in range(n):
+            for p in ([-1] if a == 0 else range(a)):
+                acc = 0.0
+                for j in range(a + 1, n):
+                    c = chunk[(a, j)]
+                    if p >= 0:
+                        r = (j - a) / (a - p)
+                        c = (1 + r) * c - r * chunk[(p, j)]
+                    acc = acc + c
+                    cost[p + 1, a, j + 1] += float((acc ** 2).sum())
+    return cost
+
+
+def forecast_drift_costs(per_step: list, n: int):
+    """``cost[p + 1][a][b]`` like ``forecast_costs`` for the drift criterion: the relative distance of the
+    order-1 forecast features from each step's own, ``feature_drift``'s measure, from Gram matrices of the
+    (pooled) features ``per_step[i]`` = [tensor per feature]."""
+    import numpy as np
+    flat = [np.stack([per_step[i][t].double().flatten().numpy() for i in range(n)]) for t in range(len(per_step[0]))]
+    grams = [f @ f.T for f in flat]
+    cost = np.full((n + 1, n, n + 1), np.inf)
+    for a in range(n):
+        for p in ([-1] if a == 0 else range(a)):
+            acc = 0.0
+            cost[p + 1, a, a + 1] = 0.0
+            for j in range(a + 1, n):
+                r = 0.0 if p < 0 else (j - a) / (a - p)
+                q = p if p >= 0 else a
+                err = sum(((1 + r) ** 2 * G[a, a] + r * r * G[q, q] + G[j, j] - 2 * r * (1 + r) * G[a, q]
+                           - 2 * (1 + r) * G[a, j] + 2 * r * G[q, j]) / (G[j, j] + 1e-12) for G in grams) / len(grams)
+                acc += max(err, 0.0)
+                cost[p + 1, a, j + 1] = acc
+    return cost

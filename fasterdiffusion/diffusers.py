@@ -49,7 +49,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2
 from diffusers.utils import USE_PEFT_BACKEND
 
 from .runtime import Features, ModelCall, Run, RunConfig, format_report, repeat_rows as _rows
-from .samplers import bypass_reason
+from .forecast import forecast_settings
+from .samplers import bypass_reason, forecast_off_reason
 from .strategy import Strategy, parse_strategy
 
 log = logging.getLogger("FasterDiffusion")
@@ -110,6 +111,17 @@ def scheduler_bypass_reason(scheduler) -> str | None:
     algorithm = getattr(scheduler.config, "algorithm_type", "") or ""
     if name == "DPMSolverMultistepScheduler" and algorithm.startswith("sde-"):
         return bypass_reason("dpmpp_3m_sde" if scheduler.config.solver_order == 3 else "dpmpp_2m_sde")
+    return None
+
+
+def scheduler_forecast_off_reason(scheduler, steps: int) -> str | None:
+    """The forecast policy (fasterdiffusion.samplers) for diffusers' schedulers: those that add fresh noise every
+    step (ancestral Euler, SDE solvers, DDPM) reuse features."""
+    name = type(scheduler).__name__
+    if name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        return forecast_off_reason("euler_ancestral", steps).replace("euler_ancestral", name)
+    if name in ("DPMSolverSDEScheduler", "DDPMScheduler"):
+        return forecast_off_reason("sde", steps).replace("sde", name, 1)
     return None
 
 
@@ -392,7 +404,8 @@ class _PipelineCall:
             self.schedule = timesteps[begin:end]
         if reason and not reason.endswith("in full"):
             reason += ": every call ran in full"
-        self.run = Run(self.handle.config, schedule_sigmas(sched, self.schedule), self.schedule, bypass=reason)
+        self.run = Run(self.handle.config, schedule_sigmas(sched, self.schedule), self.schedule, bypass=reason,
+                       forecast_off=scheduler_forecast_off_reason(sched, len(self.schedule)))
         if self.run.plan.ignored:
             log.warning("FasterDiffusion: strategy %s lists steps %s but this call has %d steps; they are ignored",
                         self.run.plan.strategy, list(self.run.plan.ignored), self.run.plan.num_steps)
@@ -559,15 +572,18 @@ def _owning_subclass_of(pipe):
     return cls if HANDLE_ATTR in vars(cls) else None
 
 
-def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32):
+def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
+          propagation: str = "forecast"):
     """Patch ``pipe`` (a Stable Diffusion / SDXL / ControlNet pipeline, text-to-image or img2img) in place
     with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
+    ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;
+    ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
     UNet it cannot serve, and StrategyError for a bad strategy string (the message shows the grammar).
     """
     config = RunConfig(parse_strategy(strategy) if isinstance(strategy, str) else strategy, bool(parallel),
-                       int(max_decoder_batch))
+                       int(max_decoder_batch), forecast_settings(propagation))
     if config.max_decoder_batch < 0:
         raise ValueError("FasterDiffusion: max_decoder_batch must be >= 0 (0 = no cap)")
     previous = _owning_subclass_of(pipe)

@@ -55,18 +55,36 @@ class DriftRecorder:
         self.coherent: dict[int, dict[tuple, dict[int, float]]] = {}  # the same, as growth of the group's sum
         self.sums: dict[tuple, dict[int, torch.Tensor]] = {}         # chunk -> key a -> sum_j w_j (out_a - out_j)
         self.last: dict[tuple, tuple] = {}                           # chunk -> (step, its changes) to undo
+        self.changes: dict[tuple, dict[tuple, torch.Tensor]] = {}    # chunk -> (a, j) -> w_j (out_a - out_j)
 
     def record(self, step: int, chunk: tuple, feats: Features):
         # cond and uncond may come in separate calls; a second call of the same chunk at the same step (a
         # Heun-type corrector lands on the next step first) is replaced by the later one
         self.steps.setdefault(step, {})[chunk] = [pool(t) for t in feats.skips + [feats.mid]]
 
-    def drift(self) -> list[list[float]]:
+    def pooled_steps(self) -> list[list[torch.Tensor]]:
+        """Per step, its pooled feature tensors (cond chunks concatenated)."""
         missing = [i for i in range(self.num_steps) if i not in self.steps]
         if missing:
             raise RuntimeError(f"calibration saw no model call at steps {missing}: the sampler skipped them")
-        return feature_drift([[torch.cat(parts) for parts in zip(*(self.steps[i][c] for c in sorted(self.steps[i])))]
-                              for i in range(self.num_steps)])
+        return [[torch.cat(parts) for parts in zip(*(self.steps[i][c] for c in sorted(self.steps[i])))]
+                for i in range(self.num_steps)]
+
+    def drift(self, forecast: bool = False):
+        """drift[a][j]; with ``forecast`` the cost table of order-1 forecast propagation
+        (``calibrate.forecast_drift_costs``)."""
+        if forecast:
+            from .calibrate import forecast_drift_costs
+            return forecast_drift_costs(self.pooled_steps(), self.num_steps)
+        return feature_drift(self.pooled_steps())
+
+    def forecast_output_error(self):
+        """The output error of order-1 forecast propagation, as ``calibrate.forecast_costs``' table."""
+        if not self.stale_outputs:
+            raise RuntimeError("output_error needs a recorder made with stale_outputs=True")
+        self.drift()     # the same check that every step was seen
+        from .calibrate import forecast_costs
+        return forecast_costs(self.changes, self.num_steps)
 
     def output_error(self, coherent: bool = True) -> list[list[float]]:
         """err[a][j] (a < j): what keying step a costs at step j, from the decoder of step j run on step a's
@@ -121,6 +139,9 @@ class DriftRecorder:
             sums[a] = sums[a] + change if a in sums else change
             grown[a] = float((sums[a] ** 2).sum()) - before
         self.last[chunk] = (step, changes)
+        kept_changes = self.changes.setdefault(chunk, {})
+        for a, change in changes.items():
+            kept_changes[(a, step)] = change
         self.errors.setdefault(step, {})[chunk] = errs
         self.coherent.setdefault(step, {})[chunk] = grown
         self.kept.setdefault(step, {})[chunk] = feats

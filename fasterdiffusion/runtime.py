@@ -15,7 +15,10 @@ host's unchanged forward.  The run decides (``Outcome``) and returns the UNet ou
 Features are cached per *call slot*: what the host says distinguishes calls with different features
 (cond chunks, order, shape, per-call patches) plus the call's occurrence within one sampler evaluation,
 so an extra guidance call (PAG's perturbed pass, SAG's degraded pass) never shares the regular call's
-features.  Nothing here imports a host.
+features.  What a non-key step's decoder gets is the run's ``propagation``: the group key step's features
+(``reuse``, the paper's), or their extrapolation from the slot's last key steps (``forecast``, see
+``forecast.py``); either way only key-step features, so a group's decoders still batch.  Nothing here
+imports a host.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
+from .forecast import REUSE, Forecast, extrapolate
 from .schedule import match_step
 from .strategy import Plan, Strategy, make_plan
 
@@ -52,6 +56,15 @@ class Features:
         if n == 1:
             return self
         return Features([repeat_rows(t, n) for t in self.skips], repeat_rows(self.mid, n), self.meta)
+
+
+def stack_features(per_step: list) -> Features:
+    """Each step's own features stacked step-major on the batch dim (``tile`` when they are one object)."""
+    first = per_step[0]
+    if all(f is first for f in per_step):
+        return first.tile(len(per_step))
+    return Features([torch.cat([f.skips[i] for f in per_step]) for i in range(len(first.skips))],
+                    torch.cat([f.mid for f in per_step]), first.meta)
 
 
 def repeat_rows(t, n: int):
@@ -106,6 +119,7 @@ class RunConfig:
     strategy: Strategy
     parallel: bool = True
     max_decoder_batch: int = 32      # most rows in one batched decoder call; 0 = no cap
+    forecast: Forecast = REUSE       # what non-key decoders get: REUSE (the paper's) or a forecast
 
 
 @dataclass
@@ -125,6 +139,8 @@ class RunStats:
     bypassed: str | None = None
     injected_steps: list | None = None
     late_keys: list | None = None    # steps made key steps during the run (a ControlNet starting there)
+    propagation: str = "reuse"       # "reuse", or "forecast (order N)": what non-key decoders got
+    forecast_off: str | None = None  # why a forecast setting ran as reuse
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -140,7 +156,8 @@ class Run:
     ``bypass``: why this run must compute every call in full (an unserved sampler or model), or None.
     """
 
-    def __init__(self, config: RunConfig, sigmas: Sequence[float], timesteps, bypass: str | None = None):
+    def __init__(self, config: RunConfig, sigmas: Sequence[float], timesteps, bypass: str | None = None,
+                 forecast_off: str | None = None):
         self.config = config
         self.sigmas = [float(s) for s in sigmas]
         if not self.sigmas:
@@ -150,7 +167,14 @@ class Run:
         self.bypass = bypass
         self.stats = RunStats(self.plan.num_steps, self.plan.strategy, list(self.plan.keys), config.parallel,
                               ignored_steps=list(self.plan.ignored), bypassed=bypass)
+        # ``forecast_off``: why this run's sampler or schedule is one where forecasting hurts (measured)
+        self.forecast = REUSE if forecast_off else config.forecast
+        if config.forecast.order > 0:
+            self.stats.forecast_off = forecast_off
+        if self.forecast.order > 0:
+            self.stats.propagation = f"forecast (order {self.forecast.order})"
         self.features: dict = {}      # call slot -> (group, Features)
+        self.history: dict = {}       # call slot -> [(key step, Features)], oldest first: its last key steps
         self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
         self._seen: dict = {}         # call slot -> calls so far in the current sampler evaluation
         self._t0 = time.perf_counter()
@@ -191,7 +215,7 @@ class Run:
             return Outcome.OFF_SCHEDULE
         group = self.plan.group_of(step)
         if step == group[0]:
-            return Outcome.FULL if len(group) == 1 else Outcome.KEY
+            return Outcome.KEY if len(group) > 1 or self._forecast_needs(step) else Outcome.FULL
         cached = self.features.get(slot)
         if cached is None or cached[0] != group:
             return Outcome.NO_FEATURES
@@ -219,8 +243,24 @@ class Run:
                 return self.outputs[(slot, step)]
             # a ControlNet became active inside a batched group: this step needs its own residuals
             self._parallel_off("ControlNet residuals change every step: its steps' decoders ran one at a time")
-        feats = self.features[slot][1]
-        return adapter.decode(call, feats, adapter.embed(call))
+        return adapter.decode(call, self.features_at(slot, step), adapter.embed(call))
+
+    def features_at(self, slot, step: int) -> Features:
+        """What the decoder of non-key ``step`` gets: the group's key features, or their forecast."""
+        if self.forecast.order == 0:
+            return self.features[slot][1]
+        return extrapolate(self.forecast, self.history[slot], step, self.timesteps, self.sigmas)
+
+    def _forecast_needs(self, key: int) -> bool:
+        """Whether a key step alone in its group must keep its features: a later group forecasts from them.
+        (Its encoder and decoder then run apart, which equals the host's forward.)"""
+        return self.forecast.order > 0 and any(len(g) > 1 and g[0] > key for g in self.plan.groups)
+
+    def _remember(self, slot, step: int, feats: Features):
+        """Keep ``feats`` as ``slot``'s newest key features (a repeated evaluation of one key step, e.g.
+        Heun's, replaces the older; only as many as the forecast order needs are kept)."""
+        kept = [(k, f) for k, f in self.history.get(slot, ()) if k < step]
+        self.history[slot] = (kept + [(step, feats)])[-(self.forecast.order + 1):]
 
     def _key_step(self, adapter, call, step, slot):
         group = self.plan.group_of(step)
@@ -228,14 +268,16 @@ class Run:
         emb = adapter.embed(call)
         feats = adapter.encode(call, emb)
         self.features[slot] = (group, feats)
+        self._remember(slot, step, feats)
         for k in [k for k in self.outputs if k[0] == slot]:
             del self.outputs[k]
-        if not self.config.parallel or adapter.has_decoder_control(call):
-            if self.config.parallel:
+        if not self.config.parallel or len(group) == 1 or adapter.has_decoder_control(call):
+            if self.config.parallel and len(group) > 1:
                 self._parallel_off("ControlNet residuals change every step: decoders ran one step at a time")
             self.stats.decoder_batches.append(1)
             return adapter.decode(call, feats, emb)
-        outs, widths = decode_steps(adapter, call, feats, self.rows_for(call, group), self.config.max_decoder_batch)
+        per_step = [feats] + [self.features_at(slot, s) for s in group[1:]]
+        outs, widths = decode_steps(adapter, call, per_step, self.rows_for(call, group), self.config.max_decoder_batch)
         self.stats.decoder_batches.extend(widths)
         for s, out in zip(group[1:], outs[1:]):
             self.outputs[(slot, s)] = out
@@ -259,14 +301,17 @@ class Run:
     def finish(self) -> dict:
         """Drop the caches and return the run's stats."""
         self.features.clear()
+        self.history.clear()
         self.outputs.clear()
         self.stats.seconds = round(time.perf_counter() - self._t0, 3)
         return self.stats.as_dict()
 
 
-def decode_steps(adapter: UNetAdapter, call: ModelCall, feats: Features, rows: list, max_rows: int):
-    """Decoder outputs of several steps on one set of features, in as few batched calls as ``max_rows``
-    (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching is exact."""
+def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_rows: int):
+    """Decoder outputs of several steps on one set of features (``Features``) or on each step's own (a
+    list, one per entry of ``rows``), in as few batched calls as ``max_rows`` (0 = no cap) allows; returns
+    (outputs, steps per call).  Rows are independent: sub-batching is exact."""
+    per_step = feats if isinstance(feats, list) else [feats] * len(rows)
     b = call.rows
     per_call = len(rows) if max_rows <= 0 else max(1, max_rows // b)
     outs, widths = [], []
@@ -275,7 +320,7 @@ def decode_steps(adapter: UNetAdapter, call: ModelCall, feats: Features, rows: l
         n = len(chunk)
         sig = None if chunk[0][1] is None else torch.cat([s for _, s in chunk])
         big = adapter.tile(call, n, torch.cat([t for t, _ in chunk]), sig)
-        out = adapter.decode(big, feats.tile(n), adapter.embed(big))
+        out = adapter.decode(big, stack_features(per_step[start:start + n]), adapter.embed(big))
         outs.extend(out.chunk(n))
         widths.append(n)
     return outs, widths
@@ -295,6 +340,10 @@ def format_report(r: dict) -> str:
         text += f"; {r['fallback_calls']} calls without cached features ran in full"
     if r.get("late_keys"):
         text += f"; steps {r['late_keys']} made key steps (a ControlNet starts there)"
+    if r.get("propagation", "reuse") != "reuse":
+        text += f"; {r['propagation']}"
+    if r.get("forecast_off"):
+        text += f"; {r['forecast_off']}"
     if r.get("parallel_off"):
         text += f"; {r['parallel_off']}"
     return text

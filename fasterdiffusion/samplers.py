@@ -38,3 +38,17 @@ def bypass_reason(sampler_function_name: str) -> str | None:
     if name in BYPASSED:
         return f"the {BYPASSED[name]}: every step ran in full"
     return None
+
+
+# Forecast propagation extrapolates the encoder features along the schedule.  Where the latent gets fresh noise
+# every step (ancestral and SDE samplers) the features do not move smoothly, and forecasting measured worse than
+# reusing them (docs/quality/forecast.md): such runs reuse, with one line in their stats.
+NOISY_STEPS = ("ancestral", "sde")
+
+
+def forecast_off_reason(sampler_function_name: str, steps: int) -> str | None:
+    """Why forecast propagation runs as reuse for this sampler and step count, or None."""
+    name = sampler_function_name.removeprefix("sample_")
+    if any(part in name for part in NOISY_STEPS):
+        return f"{name} adds fresh noise every step, where forecasting measured worse: features were reused"
+    return None

@@ -1,0 +1,100 @@
+"""Forecast propagation: at a non-key step, extrapolate the encoder features from the last key steps
+instead of reusing the last one's (the paper's ``reuse``).
+
+With the key steps k_0 < ... < k_m <= s of one call slot (m = order, fewer where fewer keys lie behind)
+and a variable u (the step index by default), the features at step s are the Lagrange polynomial through
+them, written around the newest key so that equal key features give exactly the reused ones:
+
+    f(s) = f(k_m) + damping * sum_{j<m} L_j(u_s) * (f(k_j) - f(k_m))
+
+Order 1 is ``f(k) + (s - k) / (k - k') * (f(k) - f(k'))``.  Only key-step features enter, never a
+non-key latent, so a group's decoders still run as one batch.  Pure functions on torch tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PROPAGATIONS = ("forecast", "reuse")
+VARIABLES = ("step", "timestep", "log_sigma")
+PARTS = ("both", "skips", "mid")
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """How features are forecast.  ``order`` 0 is reuse; ``variable`` is what the polynomial runs in
+    (the step index, the model timestep, or log sigma); ``damping`` scales the extrapolated change (1 =
+    the full polynomial, 0 = reuse); ``parts`` which features are forecast (the others are reused)."""
+    order: int = 1
+    variable: str = "step"
+    damping: float = 1.0
+    parts: str = "both"
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or not 0 <= self.order <= 3:
+            raise ValueError(f"FasterDiffusion: forecast order must be 0, 1, 2 or 3, not {self.order!r}")
+        if self.variable not in VARIABLES:
+            raise ValueError(f"FasterDiffusion: forecast variable must be one of {VARIABLES}, not {self.variable!r}")
+        if self.parts not in PARTS:
+            raise ValueError(f"FasterDiffusion: forecast parts must be one of {PARTS}, not {self.parts!r}")
+
+
+REUSE = Forecast(order=0)
+
+
+def forecast_settings(propagation, order: int = 1) -> Forecast:
+    """The ``Forecast`` a user-facing ``propagation`` name stands for (a ``Forecast`` stands for itself)."""
+    if isinstance(propagation, Forecast):
+        return propagation
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"FasterDiffusion: propagation must be one of {', '.join(PROPAGATIONS)}, not {propagation!r}")
+    return REUSE if propagation == "reuse" else Forecast(order=order)
+
+
+def weights(us: list[float], u: float) -> list[float]:
+    """Lagrange weights L_j(u) of the older points ``us[:-1]`` (the newest, ``us[-1]``, is the anchor)."""
+    out = []
+    for j, uj in enumerate(us[:-1]):
+        w = 1.0
+        for i, ui in enumerate(us):
+            if i != j:
+                w *= (u - ui) / (uj - ui)
+        out.append(w)
+    return out
+
+
+def variable_of(f: Forecast, step: int, timesteps, sigmas) -> float:
+    """The value of the forecast variable at schedule ``step``."""
+    if f.variable == "step":
+        return float(step)
+    if f.variable == "timestep":
+        return float(timesteps[step])
+    return math.log(max(float(sigmas[step]), 1e-6))        # the last sigma is often 0: clamp
+
+
+def extrapolate(f: Forecast, history: list, step: int, timesteps=None, sigmas=None):
+    """The features at ``step`` from ``history`` = [(key step, Features)], oldest first (this slot's
+    last key steps): the newest alone where the forecast has nothing to add."""
+    from .runtime import Features          # runtime imports this module
+    newest = history[-1][1]
+    used = history[-(f.order + 1):] if f.order > 0 else history[-1:]
+    if len(used) < 2 or f.damping == 0 or step == history[-1][0]:
+        return newest
+    us = [variable_of(f, k, timesteps, sigmas) for k, _ in used]
+    if len(set(us)) < len(us):              # two keys at one value of the variable: nothing to fit
+        return newest
+    ws = [f.damping * w for w in weights(us, variable_of(f, step, timesteps, sigmas))]
+    olds = [feats for _, feats in used[:-1]]
+
+    def combine(get):
+        anchor = get(newest)
+        out = anchor
+        for w, old in zip(ws, olds):
+            out = out + w * (get(old) - anchor)
+        return out
+    skips = ([combine(lambda x, i=i: x.skips[i]) for i in range(len(newest.skips))]
+             if f.parts in ("both", "skips") else newest.skips)
+    mid = combine(lambda x: x.mid) if f.parts in ("both", "mid") and newest.mid is not None else newest.mid
+    return Features(skips, mid, newest.meta)
