@@ -32,6 +32,7 @@ class Comparison:
     encoder_skips: int                    # encoder calls FasterDiffusion skipped (0: the same computation)
     fewer_seconds: float | None = None    # None: the fewer-steps run was not made
     fewer_psnr: float | None = None
+    propagation: str = "reuse"            # what the non-key decoders got (the run's stats)
 
     @property
     def ratio(self) -> float:
@@ -63,7 +64,7 @@ def recommendation(c: Comparison) -> str:
 def report(c: Comparison) -> str:
     """The node's text: times, speed ratio, PSNR against the full run, the recommendation."""
     speed = c.full_seconds / c.faster_seconds if c.faster_seconds > 0 else math.inf
-    lines = [f"FasterDiffusion Compare [{c.strategy}], {c.steps} steps",
+    lines = [f"FasterDiffusion Compare [{c.strategy}, {c.propagation}], {c.steps} steps",
              f"time: full {c.full_seconds:.3f} s, FasterDiffusion {c.faster_seconds:.3f} s "
              f"(ratio {c.ratio:.3f}, {speed:.2f}x speed)",
              f"PSNR vs full: FasterDiffusion {db(c.faster_psnr)}"]

@@ -122,6 +122,10 @@ def scheduler_forecast_off_reason(scheduler, steps: int) -> str | None:
         return forecast_off_reason("euler_ancestral", steps).replace("euler_ancestral", name)
     if name in ("DPMSolverSDEScheduler", "DDPMScheduler"):
         return forecast_off_reason("sde", steps).replace("sde", name, 1)
+    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler", "PNDMScheduler",
+                "DEISMultistepScheduler"):
+        reason = forecast_off_reason("dpmpp_2m", steps)
+        return reason and reason.replace("dpmpp_2m", name, 1)
     return None
 
 

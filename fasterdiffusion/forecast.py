@@ -80,6 +80,10 @@ def extrapolate(f: Forecast, history: list, step: int, timesteps=None, sigmas=No
     from .runtime import Features          # runtime imports this module
     newest = history[-1][1]
     used = history[-(f.order + 1):] if f.order > 0 else history[-1:]
+    # only keys whose features have the newest's shapes (a patch such as deep shrink changes them over the run)
+    shapes = _shapes(newest)
+    while len(used) > 1 and _shapes(used[0][1]) != shapes:
+        used = used[1:]
     if len(used) < 2 or f.damping == 0 or step == history[-1][0]:
         return newest
     us = [variable_of(f, k, timesteps, sigmas) for k, _ in used]
@@ -98,3 +102,7 @@ def extrapolate(f: Forecast, history: list, step: int, timesteps=None, sigmas=No
              if f.parts in ("both", "skips") else newest.skips)
     mid = combine(lambda x: x.mid) if f.parts in ("both", "mid") and newest.mid is not None else newest.mid
     return Features(skips, mid, newest.meta)
+
+
+def _shapes(feats) -> tuple:
+    return tuple(tuple(t.shape) for t in feats.skips) + (tuple(feats.mid.shape),)

@@ -13,7 +13,7 @@ from ..fasterdiffusion import (choose_keys, keys_for_cost, keys_for_gpu_time, ma
 from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
-from .apply import CATEGORY
+from .apply import CATEGORY, propagation_input
 from .comfy_v3 import Choice, io, node_id
 
 log = logging.getLogger("FasterDiffusion")
@@ -27,6 +27,8 @@ SUPPORTED = [name for name in comfy.samplers.SAMPLER_NAMES if name not in OFF_SC
 # 13 (tools/calibration_compare.py, docs/quality/calibration.md)
 CRITERIA = ["output_error", "drift"]
 BUDGET_MODES = ["keys", "gpu_time"]
+# forecast cost tables grow as N^3 (and their search as K N^3): past this many steps Calibrate plans for reuse
+FORECAST_MAX_STEPS = 100
 
 
 def sampler_problem(sampler_name):
@@ -85,6 +87,9 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                     "With budget_mode gpu_time: the GPU time to aim for, relative to running every step in full "
                     "(e.g. 0.4 = 2.5x faster). Predicted with the strategy editor's cost model (SD1.5 UNet, fp16, "
                     "512x512, CFG, measured on an H100); other models and GPUs differ."),
+                propagation_input("The propagation the strategy will run with (the FasterDiffusion node's "
+                                  "'propagation'): key steps are chosen for what the decoders will see, forecast "
+                                  "features or reused ones."),
             ],
             outputs=[
                 io.String.Output("strategy", display_name="strategy",
@@ -103,7 +108,8 @@ class FasterDiffusionCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
-                target_cost=0.0, criterion=CRITERIA[0], budget_mode="keys", gpu_time_fraction=0.5) -> io.NodeOutput:
+                target_cost=0.0, criterion=CRITERIA[0], budget_mode="keys", gpu_time_fraction=0.5,
+                propagation="forecast") -> io.NodeOutput:
         if problem := sampler_problem(sampler_name):
             raise ValueError(problem)
         if criterion not in CRITERIA or budget_mode not in BUDGET_MODES:
@@ -119,7 +125,15 @@ class FasterDiffusionCalibrate(io.ComfyNode):
                                              callback=latent_preview.prepare_callback(model, steps),
                                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         n = len(sigmas) - 1
-        cost = recorder.output_error() if criterion == "output_error" else recorder.drift()
+        forecast = propagation == "forecast"
+        if forecast and n > FORECAST_MAX_STEPS:
+            log.warning("FasterDiffusion Calibrate: %d steps is more than the %d it plans forecast propagation for; "
+                        "the key steps were chosen for reuse", n, FORECAST_MAX_STEPS)
+            forecast = False
+        if criterion == "output_error":
+            cost = recorder.forecast_output_error() if forecast else recorder.output_error()
+        else:
+            cost = recorder.drift(forecast=forecast)
         if budget_mode == "gpu_time":
             keys = keys_for_gpu_time(cost, n, gpu_time_fraction)
         elif target_cost > 0:
@@ -128,7 +142,7 @@ class FasterDiffusionCalibrate(io.ComfyNode):
             keys = choose_keys(cost, n, key_steps)
         strategy = ",".join(map(str, keys))
         uniform_k = max(1, -(-n // len(keys)))
-        name = criterion.replace("_", " ")
+        name = criterion.replace("_", " ") + (" with forecast" if forecast else " with reuse")
         text = (f"FasterDiffusion calibrated {len(keys)} key steps of {n}: {strategy} (predicted SD1.5 GPU time "
                 f"{predicted_gpu_fraction(make_plan(strategy, n)):.0%}); {name} "
                 f"{plan_drift(cost, keys, n):.3g} (uniform:{uniform_k} {plan_drift(cost, make_plan(f'uniform:{uniform_k}', n).keys, n):.3g}, "

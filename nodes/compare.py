@@ -14,7 +14,7 @@ from ..fasterdiffusion import parse_strategy
 from ..fasterdiffusion.compare import Comparison, equal_time_steps, psnr, report
 from ..fasterdiffusion.runtime import format_report
 from ..patches.comfy_unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
-from .apply import CATEGORY, strategy_inputs, validate_strategy
+from .apply import CATEGORY, propagation_input, strategy_inputs, validate_strategy
 from .comfy_v3 import Choice, io, node_id
 
 log = logging.getLogger("FasterDiffusion")
@@ -77,6 +77,7 @@ class FasterDiffusionCompare(io.ComfyNode):
                     "Also run the plain sampler with round(steps x measured time ratio) steps, which costs about "
                     "what FasterDiffusion cost, and compare its PSNR: the honest baseline. Off: only state that "
                     "step count.")),
+                propagation_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="comparison", tooltip=(
@@ -96,13 +97,13 @@ class FasterDiffusionCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler,
-                strategy, parallel, max_decoder_batch, compare_fewer_steps=True) -> io.NodeOutput:
+                strategy, parallel, max_decoder_batch, compare_fewer_steps=True, propagation="forecast") -> io.NodeOutput:
         plain = without_faster_diffusion(model)
         if plain is not model:
             log.info("FasterDiffusion Compare: the input model has FasterDiffusion applied; the plain runs use it "
                      "without, the FasterDiffusion run with this node's settings")
         patched, config = apply_faster_diffusion(plain, parse_strategy(strategy), parallel, max_decoder_batch,
-                                                 node_id(cls))
+                                                 node_id(cls), propagation=propagation)
         comfy.model_management.load_models_gpu([plain])   # loading the weights is not part of either run's time
         run = lambda m, n: timed_ksampler(m, seed, n, cfg, sampler_name, scheduler, positive, negative, latent_image)
         faster, faster_s = run(patched, steps)
@@ -110,7 +111,8 @@ class FasterDiffusionCompare(io.ComfyNode):
         full_img, faster_img = decode(vae, full), decode(vae, faster)
         stats = config.reports[-1] if config is not None and config.reports else None
         c = Comparison(strategy, steps, full_s, faster_s, psnr(full_img, faster_img),
-                       equal_time_steps(steps, full_s, faster_s), stats.get("cached_calls", 0) if stats else 0)
+                       equal_time_steps(steps, full_s, faster_s), stats.get("cached_calls", 0) if stats else 0,
+                       propagation=stats.get("propagation", propagation) if stats else propagation)
         if compare_fewer_steps and c.encoder_skips and c.fewer_steps < steps:
             fewer, c.fewer_seconds = run(plain, c.fewer_steps)
             c.fewer_psnr = psnr(full_img, decode(vae, fewer))

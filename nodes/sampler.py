@@ -9,7 +9,7 @@ import latent_preview
 from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
 from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
 from ..patches.comfy_unet import FasterDiffusionConfig
-from .apply import CATEGORY, controlnet_reuse_input, strategy_inputs, validate_strategy
+from .apply import CATEGORY, controlnet_reuse_input, propagation_input, strategy_inputs, validate_strategy
 from .comfy_v3 import Choice, io, node_id
 
 SAMPLER_TOOLTIP = ("The sampler to run with FasterDiffusion. Only samplers that evaluate the model once per step "
@@ -36,8 +36,9 @@ def sampler_input():
 
 
 def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node,
-                 controlnet_reuse=True):
-    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node, controlnet_reuse)
+                 controlnet_reuse=True, propagation="forecast"):
+    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node, controlnet_reuse,
+                                   propagation)
     return KSamplerWithFasterDiffusion(sampler_name, config, InjectionSettings(injection_alpha, injection_threshold))
 
 
@@ -52,7 +53,7 @@ class FasterDiffusionSampler(io.ComfyNode):
                          "FasterDiffusion: encoder propagation with parallel decoder groups, and the paper's prior "
                          "noise injection in the sampler's own state. Works on a plain model; on a model patched by "
                          "FasterDiffusion Apply, this node's settings win."),
-            inputs=[sampler_input(), *fd_inputs(), controlnet_reuse_input()],
+            inputs=[sampler_input(), *fd_inputs(), controlnet_reuse_input(), propagation_input()],
             outputs=[io.Sampler.Output(tooltip="The sampler, for SamplerCustom or SamplerCustomAdvanced.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -63,9 +64,9 @@ class FasterDiffusionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                injection_threshold, controlnet_reuse=True) -> io.NodeOutput:
+                injection_threshold, controlnet_reuse=True, propagation="forecast") -> io.NodeOutput:
         return io.NodeOutput(make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                                          injection_threshold, node_id(cls), controlnet_reuse))
+                                          injection_threshold, node_id(cls), controlnet_reuse, propagation))
 
 
 class FasterDiffusionKSampler(io.ComfyNode):
@@ -95,6 +96,7 @@ class FasterDiffusionKSampler(io.ComfyNode):
                                tooltip="How much of the schedule to run; lower keeps more of the input latent."),
                 *fd_inputs(),
                 controlnet_reuse_input(),
+                propagation_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
             hidden=[io.Hidden.unique_id],
@@ -107,9 +109,9 @@ class FasterDiffusionKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold,
-                controlnet_reuse=True) -> io.NodeOutput:
+                controlnet_reuse=True, propagation="forecast") -> io.NodeOutput:
         sampler = make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                               injection_threshold, node_id(cls), controlnet_reuse)
+                               injection_threshold, node_id(cls), controlnet_reuse, propagation)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         # exactly KSampler's schedule (incl. its denoise handling and discarded penultimate sigmas)

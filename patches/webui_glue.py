@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fasterdiffusion.forecast import PROPAGATIONS, forecast_settings
 from fasterdiffusion.injection import DEFAULT_THRESHOLD, Injector
 from fasterdiffusion.runtime import Run, RunConfig, format_report
-from fasterdiffusion.samplers import STATE_PASSING, bypass_reason
+from fasterdiffusion.samplers import STATE_PASSING, bypass_reason, forecast_off_reason
 from fasterdiffusion.strategy import StrategyError, make_plan, parse_strategy
 
 from . import webui_ldm
@@ -37,8 +38,9 @@ KEY_STRATEGY = "FasterDiffusion"
 KEY_PARALLEL = "FD parallel"
 KEY_MAX_BATCH = "FD max batch"
 KEY_ALPHA = "FD injection"
+KEY_PROPAGATION = "FD propagation"   # always written when enabled: infotexts without it predate forecast (reuse)
 KEY_STATS = "FD stats"          # written after sampling, never read back
-DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0)
+DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0, propagation="forecast")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,12 @@ class Settings:
     parallel: bool = True
     max_batch: int = 32
     alpha: float = 0.0
+    propagation: str = "forecast"
 
     @property
     def run_config(self) -> RunConfig:
-        return RunConfig(parse_strategy(self.strategy), self.parallel, self.max_batch)
+        return RunConfig(parse_strategy(self.strategy), self.parallel, self.max_batch,
+                         forecast_settings(self.propagation))
 
     def infotext(self) -> dict:
         if not self.enabled:
@@ -63,6 +67,7 @@ class Settings:
             d[KEY_MAX_BATCH] = self.max_batch
         if self.alpha:
             d[KEY_ALPHA] = self.alpha
+        d[KEY_PROPAGATION] = self.propagation
         return d
 
 
@@ -74,9 +79,10 @@ def _bool(v) -> bool:
 
 def read_settings(p, args) -> Settings:
     """The accordion's values (``args`` in ``ui()`` order: enabled, strategy, parallel, max_batch, alpha,
-    as positional ``alwayson_scripts`` args too, shorter lists take defaults), with XYZ overrides
-    (``p.fd_enabled``, ``p.fd_strategy``) applied.  A bad strategy raises StrategyError."""
-    names = ("enabled", "strategy", "parallel", "max_batch", "alpha")
+    propagation, as positional ``alwayson_scripts`` args too, shorter lists take defaults), with XYZ overrides
+    (``p.fd_enabled``, ``p.fd_strategy``, ``p.fd_propagation``) applied.  A bad strategy raises
+    StrategyError, a bad propagation ValueError."""
+    names = ("enabled", "strategy", "parallel", "max_batch", "alpha", "propagation")
     values = dict(DEFAULTS)
     values.update({k: v for k, v in zip(names, args) if v is not None})
     if getattr(p, "fd_enabled", None) is not None:
@@ -85,10 +91,16 @@ def read_settings(p, args) -> Settings:
         values["strategy"] = p.fd_strategy
         if getattr(p, "fd_enabled", None) is None:
             values["enabled"] = True        # an XYZ strategy axis means "with FasterDiffusion"
+    if getattr(p, "fd_propagation", None) is not None:
+        values["propagation"] = p.fd_propagation
+        if getattr(p, "fd_enabled", None) is None:
+            values["enabled"] = True
     s = Settings(_bool(values["enabled"]), str(values["strategy"]).strip() or "paper", _bool(values["parallel"]),
-                 max(0, int(float(values["max_batch"]))), max(0.0, float(values["alpha"])))
+                 max(0, int(float(values["max_batch"]))), max(0.0, float(values["alpha"])),
+                 str(values["propagation"]).strip())
     if s.enabled:
         parse_strategy(s.strategy)
+        forecast_settings(s.propagation)
     return s
 
 
@@ -98,7 +110,8 @@ def settings_from_infotext(params: dict) -> dict:
     return dict(enabled=on, strategy=params.get(KEY_STRATEGY, DEFAULTS["strategy"]),
                 parallel=_bool(params.get(KEY_PARALLEL, True)),
                 max_batch=int(float(params.get(KEY_MAX_BATCH, DEFAULTS["max_batch"]))),
-                alpha=float(params.get(KEY_ALPHA, 0.0)))
+                alpha=float(params.get(KEY_ALPHA, 0.0)),
+                propagation=params.get(KEY_PROPAGATION, "reuse" if on else DEFAULTS["propagation"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +236,7 @@ class Generation:
             self._say(f"FasterDiffusion [{self.settings.strategy}]: {why}", warn=True)
             return orig(model, x, *args, **kwargs)
         schedule, timesteps, kind = sched
-        run = Run(self.config, schedule, timesteps, why)
+        run = Run(self.config, schedule, timesteps, why, forecast_off_reason(name, len(schedule) - 1))
         if run.plan.ignored:
             log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
                         run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)

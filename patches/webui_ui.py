@@ -49,6 +49,10 @@ def accordion(script, is_img2img: bool):
                                   label="Memory cap: most samples in one decoder batch (0 = no cap)")
             alpha = gr.Slider(minimum=0.0, maximum=0.01, step=0.0005, value=0.0, elem_id=script.elem_id("fd_alpha"),
                               label="Prior noise injection α (0 = off; paper 0.003; Euler, Euler a, DPM++ 2M, LMS)")
+        propagation = gr.Dropdown(choices=list(glue.PROPAGATIONS), value=glue.DEFAULTS["propagation"],
+                                  elem_id=script.elem_id("fd_propagation"),
+                                  label="Non-key steps get: forecast (features extrapolated from the last key steps, "
+                                        "closer to the full image) or reuse (the last key step's, the paper's)")
     fields = glue.settings_from_infotext
     script.infotext_fields = [
         (enabled, lambda d: fields(d)["enabled"]),
@@ -56,9 +60,11 @@ def accordion(script, is_img2img: bool):
         (parallel, lambda d: fields(d)["parallel"]),
         (max_batch, lambda d: fields(d)["max_batch"]),
         (alpha, lambda d: fields(d)["alpha"]),
+        (propagation, lambda d: fields(d)["propagation"]),
     ]
-    script.paste_field_names = [glue.KEY_STRATEGY, glue.KEY_PARALLEL, glue.KEY_MAX_BATCH, glue.KEY_ALPHA]
-    return [enabled, strategy, parallel, max_batch, alpha]
+    script.paste_field_names = [glue.KEY_STRATEGY, glue.KEY_PARALLEL, glue.KEY_MAX_BATCH, glue.KEY_ALPHA,
+                                glue.KEY_PROPAGATION]
+    return [enabled, strategy, parallel, max_batch, alpha, propagation]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ def tab():
 # --------------------------------------------------------------------------------------------------
 
 def add_xyz_axes():
-    """[FasterDiffusion] Enabled / Strategy axes on the built-in X/Y/Z plot script (hosts.md C1)."""
+    """[FasterDiffusion] Enabled / Strategy / Propagation axes on the built-in X/Y/Z plot script (hosts.md C1)."""
     from modules import scripts
     found = [d for d in scripts.scripts_data if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")]
     if not found:
@@ -156,6 +162,8 @@ def add_xyz_axes():
     xyz.axis_options.extend([
         xyz.AxisOption("[FasterDiffusion] Enabled", str, _apply_field("fd_enabled"), choices=lambda: ["True", "False"]),
         xyz.AxisOption("[FasterDiffusion] Strategy", str, _apply_field("fd_strategy"), confirm=_confirm_strategies),
+        xyz.AxisOption("[FasterDiffusion] Propagation", str, _apply_field("fd_propagation"),
+                       choices=lambda: list(glue.PROPAGATIONS)),
     ])
     return True
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import testmodel as tm
-from conftest import apply
+from conftest import apply as apply_node
+
+
+def apply(pack, model, strategy="paper", *args, **kwargs):
+    """The Apply node with ``propagation="reuse"``: these tests compare non-key steps with the key step's own
+    features and residuals (ControlNet under forecast propagation: tests/test_forecast.py)."""
+    return apply_node(pack, model, strategy, *args, **{"propagation": "reuse", **kwargs})
 
 STEPS = 20
 PAPER_KEYS = [0, 1, 2, 3, 5, 10, 15]      # paper at 20 steps: groups [0] [1] [2] [3,4] [5..9] [10..14] [15..19]

@@ -62,11 +62,12 @@ def sample(kind, pipe=None, **kw):
 
 @pytest.fixture
 def patch():
-    """apply() that is undone after the test, whatever happens in it."""
+    """apply() that is undone after the test, whatever happens in it; propagation "reuse" unless asked (these
+    tests compare with the key step's own features; forecast: test_forecast_parallel_equals_sequential)."""
     handles = []
 
     def do(pipe, *a, **k):
-        handles.append(fdd.apply(pipe, *a, **k))
+        handles.append(fdd.apply(pipe, *a, **{"propagation": "reuse", **k}))
         return handles[-1]
     yield do
     for h in reversed(handles):
@@ -276,6 +277,32 @@ def test_parallel_matches_sequential(kind, patch):
     for h in (seq_h, par_h):
         r = h.reports[-1]
         assert (r["full_calls"] + r["encoder_calls"], r["cached_calls"], r["steps"]) == (7, 13, STEPS)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_forecast_parallel_equals_sequential(kind, patch):
+    """apply(pipe) forecasts by default: parallel equals sequential and the capped batch, the stats say forecast,
+    ancestral Euler reuses (with its reason), and 'all' stays the unpatched result."""
+    pipe = pipeline(kind)
+    base = sample(kind)
+    patch(pipe, "all", propagation="forecast")
+    assert torch.equal(sample(kind), base)
+    outs, handles = [], []
+    for parallel, cap in ((False, 32), (True, 32), (True, 4)):
+        handles.append(patch(pipe, "uniform:3", parallel=parallel, max_decoder_batch=cap, propagation="forecast"))
+        outs.append(sample(kind))
+        assert handles[-1].reports[-1]["propagation"] == "forecast (order 1)"
+    assert rel(outs[1], outs[0]) < 1e-4 and rel(outs[2], outs[1]) < 1e-5
+    patch(pipe, "uniform:3", propagation="reuse")
+    assert rel(sample(kind), outs[1]) > 1e-4, "forecast is not reuse"
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+        h = patch(pipe, "uniform:3", propagation="forecast")
+        sample(kind)
+    finally:
+        pipe.scheduler = original                        # the pipeline is shared by the module's tests
+    assert h.reports[-1]["propagation"] == "reuse" and "EulerAncestral" in h.reports[-1]["forecast_off"]
 
 
 @pytest.mark.parametrize("parallel", [False, True])

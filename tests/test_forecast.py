@@ -210,6 +210,8 @@ def test_only_key_step_latents_enter_the_forecast():
 def test_sampler_fallback_reason():
     assert forecast_off_reason("sample_euler_ancestral", 30) and forecast_off_reason("sample_dpmpp_sde", 20)
     assert forecast_off_reason("sample_euler", 50) is None and forecast_off_reason("sample_dpmpp_2m", 20) is None
+    assert forecast_off_reason("sample_euler", 8) is None and "multistep" in forecast_off_reason("sample_dpmpp_2m", 19)
+    assert "multistep" in forecast_off_reason("sample_unipc", 12) and forecast_off_reason("sample_unipc", 25) is None
     sigmas, timesteps = schedule(6, 0)
     run = Run(RunConfig(parse_strategy("uniform:2"), True, 0, Forecast(1)), sigmas, timesteps,
               forecast_off=forecast_off_reason("sample_euler_ancestral", 6))
@@ -336,3 +338,40 @@ def test_calibrate_plans_for_the_propagation_in_use(pack, digits):
         err[p] = float(((tm.sample_digits(m, tok, [2, 7, 4, 1], seed=0, steps=20) - full) ** 2).mean())
     print(plans, err)
     assert err["forecast"] < err["reuse"]
+
+
+def test_keys_with_other_feature_shapes_are_left_out():
+    """A patch that resizes features during the run (deep shrink) leaves fewer usable keys: reuse, not a crash."""
+    small = Features([torch.zeros(1, 2, 4, 4)], torch.zeros(1, 3, 2, 2))
+    big = Features([torch.ones(1, 2, 8, 8)], torch.ones(1, 3, 4, 4))
+    assert extrapolate(Forecast(1), [(0, small), (3, big)], 5) is big
+    out = extrapolate(Forecast(2), [(0, small), (2, big), (3, Features([torch.full((1, 2, 8, 8), 2.0)], torch.full((1, 3, 4, 4), 2.0)))], 5)
+    assert out.mid.flatten()[0].item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "t2i_adapter"])
+def test_forecast_with_controlnet_reuse(pack, digits, kind):
+    """ControlNet reuse keeps its semantics under forecast: one ControlNet forward per group (at its key step),
+    parallel equals sequential, 'all' stays bit-identical, and the control still acts."""
+    import test_controlnet as tc
+    from conftest import apply
+    import testmodel as tm
+    model, tok = digits
+    net = tc.MAKERS[kind]()
+    conds = tc.controlled(tok, (net, 0.9, 0.0, 1.0))
+    assert torch.equal(tc.run(apply(pack, model, "all", propagation="forecast")[0], conds), tc.run(model, conds))
+    outs = {}
+    for parallel in (True, False):
+        fd, config = apply(pack, model, "uniform:4", parallel, 32, propagation="forecast")
+        if kind == "controlnet":
+            with tc.counting(model, tc.schedule(model)) as calls:
+                outs[parallel] = tc.run(fd, conds)
+            assert calls.steps(net.control_model) == list(range(0, tc.STEPS, 4)), "once per group"
+        else:
+            outs[parallel] = tc.run(fd, conds)
+        assert config.reports[-1]["propagation"] == "forecast (order 1)"
+    assert tc.rel(outs[True], outs[False]) < 1e-4
+    base = tc.run(model, conds)
+    reuse = tc.run(apply(pack, model, "uniform:4", propagation="reuse")[0], conds)
+    print(f"\n{kind}: rel to the full run: forecast {tc.rel(outs[True], base):.4f}, reuse {tc.rel(reuse, base):.4f}")
+    assert tc.rel(outs[True], tc.run(model, tm.digit_conditioning(tok, [3]))) > 1e-2, "the control acts"

@@ -69,7 +69,9 @@ def test_sampler_node_in_sampler_custom(nodes_, pack, digits):
                                 {"samples": torch.zeros(1, 4, 8, 8)})
     assert torch.equal(out.result[0]["samples"], ref.result[0]["samples"])
     r = sampler.config.reports[-1]
-    assert (r["steps"], r["cached_calls"], r["decoder_batches"]) == (STEPS, 13, [2, 5, 5, 5])
+    # forecast (the default): the lone key steps 0-2 run split too, their features feed the forecasts
+    assert (r["steps"], r["cached_calls"], r["decoder_batches"]) == (STEPS, 13, [1, 1, 1, 2, 5, 5, 5])
+    assert r["propagation"] == "forecast (order 1)"
 
 
 def hand_euler_with_injection(noise, alpha, threshold, ms):

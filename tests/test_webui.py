@@ -508,18 +508,30 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     _, p, _ = generate(webui, sd, [True, "UNIFORM:3", False, 8, 0.003], ks.sample_euler)
     info = dict(p.extra_generation_params)
     assert info.pop("FD stats") == "6 steps: encoder 2x, skipped 4x"       # written after sampling
-    assert info == {"FasterDiffusion": "uniform:3", "FD parallel": False, "FD max batch": 8, "FD injection": 0.003}
+    assert info == {"FasterDiffusion": "uniform:3", "FD parallel": False, "FD max batch": 8, "FD injection": 0.003,
+                    "FD propagation": "forecast"}
     restored = glue.settings_from_infotext({k: str(v) for k, v in info.items()})
-    assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_batch=8, alpha=0.003)
+    assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_batch=8, alpha=0.003,
+                            propagation="forecast")
     assert glue.settings_from_infotext({"Steps": "20"})["enabled"] is False
+    # an infotext written before forecast existed was made with reuse: pasting it restores reuse
+    assert glue.settings_from_infotext({"FasterDiffusion": "paper"})["propagation"] == "reuse"
     _, p, _ = generate(webui, sd, [True], ks.sample_euler)                 # API: a short args list
-    assert p.extra_generation_params == {"FasterDiffusion": "paper", "FD stats": "6 steps: encoder 5x, skipped 1x"}
+    assert p.extra_generation_params == {"FasterDiffusion": "paper", "FD propagation": "forecast",
+                                         "FD stats": "6 steps: encoder 5x, skipped 1x"}
+    _, p, _ = generate(webui, sd, [True, "uniform:2", True, 32, 0.0, "reuse"], ks.sample_euler)
+    assert p.extra_generation_params["FD propagation"] == "reuse"
     # XYZ axes set p.fd_enabled / p.fd_strategy before process()
     p = wf.P(sd)
     p.fd_strategy = "0,2"
     assert glue.read_settings(p, [False]) == glue.Settings(True, "0,2")
     p.fd_enabled = "False"
     assert glue.read_settings(p, [True, "paper"]).enabled is False
+    p = wf.P(sd)
+    p.fd_propagation = "reuse"                                              # the XYZ propagation axis
+    assert glue.read_settings(p, [False]) == glue.Settings(True, "paper", propagation="reuse")
+    with pytest.raises(ValueError, match="propagation"):
+        glue.read_settings(wf.P(sd), [True, "paper", True, 32, 0.0, "extrapolate"])
     with pytest.raises(glue.StrategyError):
         glue.read_settings(wf.P(sd), [True, "1,2,3"])
     base, _, _ = generate(webui, sd, [False], ks.sample_euler)
@@ -533,12 +545,14 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
     gr.made.clear()
     components = webui.script.ui(False)
     kinds = [c.kind for c in components]
-    assert kinds == ["InputAccordion", "Textbox", "Checkbox", "Slider", "Slider"]
-    assert {k for k, *_ in [(c.kind,) for c in gr.made]} <= {"InputAccordion", "Textbox", "HTML", "Row", "Checkbox", "Slider"}
+    assert kinds == ["InputAccordion", "Textbox", "Checkbox", "Slider", "Slider", "Dropdown"]
+    assert {k for k, *_ in [(c.kind,) for c in gr.made]} <= {"InputAccordion", "Textbox", "HTML", "Row", "Checkbox", "Slider",
+                                                             "Dropdown"}
     html = next(c for c in gr.made if c.kind == "HTML").value
     assert 'data-steps-id="txt2img_steps"' in html and "fd_strategy" in html
     fields = dict((c, f) for c, f in webui.script.infotext_fields)
     assert fields[components[1]]({"FasterDiffusion": "0,1,5"}) == "0,1,5" and fields[components[0]]({}) is False
+    assert fields[components[5]]({"FasterDiffusion": "paper", "FD propagation": "forecast"}) == "forecast"
     tabs = webui.callbacks.registered["on_ui_tabs"][0]()
     assert tabs[0][1:] == ("FasterDiffusion", "fasterdiffusion")
     # XYZ axes on a stand-in of the built-in xyz_grid module, added once
@@ -551,7 +565,9 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
         assert ui.add_xyz_axes() and ui.add_xyz_axes()
     finally:
         sys.modules["modules.scripts"].scripts_data.clear()
-    assert [o.label for o in xyz.axis_options] == ["[FasterDiffusion] Enabled", "[FasterDiffusion] Strategy"]
+    assert [o.label for o in xyz.axis_options] == ["[FasterDiffusion] Enabled", "[FasterDiffusion] Strategy",
+                                                   "[FasterDiffusion] Propagation"]
+    assert xyz.axis_options[2].choices() == ["forecast", "reuse"]
     target = SimpleNamespace()
     xyz.axis_options[1].apply(target, "uniform:2", None)
     assert target.fd_strategy == "uniform:2"

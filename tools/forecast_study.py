@@ -48,6 +48,9 @@ def main():
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--only", default="", help="comma-separated substrings of case names")
     ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--cases", default="", help="space-separated sampler:steps:strategy cases instead of the "
+                    "built-in list, e.g. 'euler:10:uniform:2 dpmpp_2m:12:uniform:3'")
+    ap.add_argument("--name", default="", help="table name suffix: docs/quality/forecast_<model><name>.md")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
     args = ap.parse_args()
     tm.boot_comfy()
@@ -93,9 +96,11 @@ def main():
         m, config = cu.apply_faster_diffusion(model, engine.parse_strategy(strategy), True, 0, None, True, forecast)
         return m, config
 
+    if args.cases:
+        CASES[:] = [(c.split(":")[0], int(c.split(":")[1]), c.split(":", 2)[2]) for c in args.cases.split()]
     cases = [c for c in CASES if not args.only or any(w.strip() in f"{c[0]} {c[1]} {c[2]}" for w in args.only.split(","))]
     out = Path(args.out)
-    table = out / f"forecast_{args.model}.md"
+    table = out / f"forecast_{args.model}{args.name}.md"
     header = ["| sampler, steps, strategy | GPU time (composed) | " + " | ".join(vs) + " | plain steps at equal GPU time |",
               "|---|---|" + "---|" * len(vs) + "---|"]
     lines = []

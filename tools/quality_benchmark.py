@@ -3,6 +3,7 @@
     bash tools/run.sh quality --model fashion --device cuda     # Fashion-MNIST model, ~3 min on an H200
     bash tools/run.sh quality --model digits                    # digits model, ~30 min on one CPU thread
     bash tools/run.sh quality --model fashion --replot          # redraw the plot from the saved table (seconds)
+    bash tools/run.sh quality --model digits --sampler dpmpp_2m --steps 20    # another sampler and step count
 
 Every configuration samples the same seeds (``--samples`` images, equal per class) through ComfyUI and is scored
   * FD: Frechet distance between classifier features of generated and real held-out images (an FID analogue;
@@ -16,8 +17,11 @@ Every configuration samples the same seeds (``--samples`` images, equal per clas
         ``predicted_gpu_fraction``): what the plan would cost on an SD1.5-class model with parallel decoders;
     (c) measured: median wall time of whole sampling runs of one image (CFG) on ``--device``
         (CUDA-synchronised), this model, parallel decoders on.
+Every FasterDiffusion plan runs twice: with ``reuse`` (the paper's propagation: rows "FD ...") and with
+``forecast`` (features extrapolated from the last key steps: rows "FD forecast ..."); the reference and the plain
+fewer-step baselines use the same ``--sampler``.
 Writes ``<name>.md`` (table) and ``<name>_vs_cost.png`` (plots) into ``--out`` (name: ``quality`` for digits,
-``fashion`` for the Fashion-MNIST model).
+``fashion`` for the Fashion-MNIST model, with ``_<sampler>_<steps>`` appended for other than euler at 50 steps).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from host_python import require  # noqa: E402  (tools/, next to this script)
 require("quality")         # says which interpreter to use when this one has no torch
 import testmodel as tm  # noqa: E402
 
-STEPS = 50
+DEFAULT_STEPS = 50  # the default step count; --steps sets the run's
 # the paper's Non-uniform II shape (Table 5, sparse early / dense late): t {50,30,25,20,15,14,5,4,3}
 LATE_DENSE = "0,20,25,30,35,36,45,46,47"
 TABLE_NAME = {"digits": "quality", "fashion": "fashion"}
@@ -129,6 +133,10 @@ def sync(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(TABLE_NAME), default="digits")
+    ap.add_argument("--sampler", default="euler", help="euler, euler_ancestral, ddim, dpmpp_2m, lms")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="the full run's steps (the reference)")
+    ap.add_argument("--forecast-always", action="store_true", help="forecast even with samplers where the pack "
+                    "reuses (ancestral): measures what that policy avoids")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the measured time column is this device's")
     ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="the Fashion model's inference dtype")
     ap.add_argument("--samples", type=int, default=600)   # FD-digits seed spread ~2 at 600, ~12 at 200
@@ -138,7 +146,7 @@ def main():
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
     ap.add_argument("--replot", action="store_true", help="redraw the plot from the saved table")
     args = ap.parse_args()
-    out, name = Path(args.out), TABLE_NAME[args.model]
+    out, name = Path(args.out), table_name(args.model, args.sampler, args.steps)
     if args.replot:
         plot(read_rows(out / f"{name}.md"), out / f"{name}_vs_cost.png", title=f"{args.model} test model")
         print(f"wrote {out / f'{name}_vs_cost.png'} from {out / f'{name}.md'}")
@@ -162,6 +170,8 @@ def main():
     package = cu.__name__.rsplit(".", 2)[0]
     calibration = import_module(package + ".patches.comfy_calibrate")
     cs = import_module(package + ".patches.comfy_sampler")
+    if args.forecast_always:
+        cu.forecast_off_reason = lambda name, steps: None
     engine = import_module(package + ".fasterdiffusion")
     kit = (Digits if args.model == "digits" else Fashion)(args.device, torch.float16 if args.dtype == "fp16" else None)
     model = kit.model
@@ -176,35 +186,55 @@ def main():
         return comfy.sample.sample_custom(m, noise, 3.0, sampler, sigmas, pos, neg, latent, seed=seed,
                                           disable_pbar=True).float().cpu()
 
-    def plain(steps, m=model):
-        return lambda labels, seed, cap=0: sample(m, comfy.samplers.sampler_object("euler"), steps, labels, seed)
+    STEPS, SAMPLER = args.steps, args.sampler
+    main_grid = (SAMPLER, STEPS) == ("euler", 50)      # the first tables' extra rows: drift, late-dense, injection
+    forecast = engine_module(package, "forecast")
 
-    def fd(strategy, alpha=0.0, steps=STEPS):
+    def plain(steps, m=model):
+        return lambda labels, seed, cap=0: sample(m, comfy.samplers.sampler_object(SAMPLER), steps, labels, seed)
+
+    def fd(strategy, alpha=0.0, steps=STEPS, propagation="reuse"):
         def run(labels, seed, cap=0):
-            config = cu.FasterDiffusionConfig(engine.parse_strategy(strategy), True, cap, None)
-            sampler = cs.KSamplerWithFasterDiffusion("euler", config, cs.InjectionSettings(alpha, 500.0))
+            config = cu.FasterDiffusionConfig(engine.parse_strategy(strategy), True, cap, None, True, propagation)
+            sampler = cs.KSamplerWithFasterDiffusion(SAMPLER, config, cs.InjectionSettings(alpha, 500.0))
             return sample(model, sampler, steps, labels, seed)
         return run
 
     # calibrate on other seeds than the scored ones
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
-    # both criteria of the Calibrate node from one recording pass: encoder drift, and the decoder-output error
+    # the Calibrate node's criteria from one recording pass: encoder drift, the decoder-output error, and the
+    # output error of forecast propagation
     rec_model, recorder = calibration.recording_model(model, sigmas.tolist(), stale_outputs=True)
-    sample(rec_model, comfy.samplers.sampler_object("euler"), STEPS, [c % 10 for c in range(args.calibration_samples)], 1000)
-    criteria = {"drift": recorder.drift(), "output": recorder.output_error()}
-    calibrated = {(c, k): ",".join(map(str, engine.choose_keys(m, STEPS, k)))
-                  for c, m in criteria.items() for k in (5, 9, 13)}
+    sample(rec_model, comfy.samplers.sampler_object(SAMPLER), STEPS, [c % 10 for c in range(args.calibration_samples)], 1000)
+    criteria = {"output": recorder.output_error(), "forecast": recorder.forecast_output_error()}
+    if main_grid:
+        criteria["drift"] = recorder.drift()
+    budgets = (5, 9, 13) if STEPS >= 40 else tuple(sorted({max(2, round(STEPS * f)) for f in (0.2, 0.3, 0.4)}))
+    calibrated = {(c, k): ",".join(map(str, engine.choose_keys(m, STEPS, k))) for c, m in criteria.items() for k in budgets}
 
-    configs = {f"baseline {n} steps": ("baseline", plain(n), None) for n in (50, 30, 25, 20, 15, 10, 8)}
-    for s in ["paper", "uniform:2", "uniform:3", "uniform:4", "uniform:5", "uniform:6", LATE_DENSE]:
+    fewer = sorted({max(2, round(STEPS * f)) for f in (1, 0.6, 0.5, 0.4, 0.3, 0.2, 0.16)}, reverse=True)
+    configs = {f"baseline {n} steps": ("baseline", plain(n), None) for n in fewer}
+    uniform = [f"uniform:{k}" for k in range(2, 9)]
+    for s in ["paper"] + uniform + ([LATE_DENSE] if main_grid else []):
         label = "late-dense (paper Non-uniform II)" if s == LATE_DENSE else s
         configs[f"FD {label}"] = ("FD", fd(s), (s, STEPS))
-    for n, s in ((25, "uniform:2"), (25, "uniform:3"), (20, "uniform:2"), (15, "uniform:2")):
+        if s != LATE_DENSE:
+            configs[f"FD forecast {label}"] = ("FD forecast", fd(s, propagation="forecast"), (s, STEPS))
+    for s in ("uniform:3", "uniform:5"):
+        configs[f"FD forecast o2 {s}"] = ("FD forecast", fd(s, propagation=forecast.Forecast(2)), (s, STEPS))
+    shorter = ((25, "uniform:2"), (25, "uniform:3"), (20, "uniform:2"), (15, "uniform:2")) if STEPS >= 40 else \
+        ((round(STEPS * 0.75), "uniform:2"), (round(STEPS * 0.5), "uniform:2"))
+    for n, s in shorter:
         configs[f"FD {n} steps + {s}"] = ("FD fewer steps", fd(s, steps=n), (s, n))
+        configs[f"FD forecast {n} steps + {s}"] = ("FD forecast fewer steps", fd(s, steps=n, propagation="forecast"), (s, n))
     for (c, k), s in calibrated.items():
-        configs[f"FD calibrated {c}, {k} keys"] = ("FD", fd(s), (s, STEPS))
-    for s, label in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated["output", 9], "calibrated output, 9 keys")):
-        configs[f"FD {label} + injection"] = ("FD+inj", fd(s, 0.003), (s, STEPS))
+        if c == "forecast":
+            configs[f"FD forecast calibrated, {k} keys"] = ("FD forecast", fd(s, propagation="forecast"), (s, STEPS))
+        else:
+            configs[f"FD calibrated {c}, {k} keys"] = ("FD", fd(s), (s, STEPS))
+    if main_grid:
+        for s, label in (("paper", "paper"), ("uniform:3", "uniform:3"), (calibrated["output", 9], "calibrated output, 9 keys")):
+            configs[f"FD {label} + injection"] = ("FD+inj", fd(s, 0.003), (s, STEPS))
     for th in (0.1, 0.2, 0.4):
         (ec,) = EasyCacheNode.execute(model, th, 0.15, 0.95, False).result
         configs[f"EasyCache {th}"] = ("EasyCache", plain(STEPS, ec), None)
@@ -227,23 +257,26 @@ def main():
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
-    base_flops = flops(configs["baseline 50 steps"][1])
-    base_seconds = measured_seconds(configs["baseline 50 steps"][1])
+    base_name = f"baseline {STEPS} steps"
+    base_flops = flops(configs[base_name][1])
+    base_seconds = measured_seconds(configs[base_name][1])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU, 1 thread"
 
     def write_table(spread):
         out.mkdir(parents=True, exist_ok=True)
-        spread_text = (f"{kit.fd_name} of the 50-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
+        spread_text = (f"{kit.fd_name} of the {STEPS}-step baseline over three seed sets: {', '.join(f'{v:.2f}' for v in spread)} "
                        f"(spread {max(spread) - min(spread):.2f})." if spread else "(Seed spread not measured: the run was cut short.)")
-        lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, euler, CFG 3, 50-step reference)", "",
+        lines = [f"# Quality vs cost: {kit.title} ({args.samples} samples, {SAMPLER}, CFG 3, {STEPS}-step reference)", "",
                  f"Command: `bash tools/run.sh quality {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
                  f"(measured time on: {device}, base 50-step run {base_seconds:.3f} s)", "",
                  spread_text + " Calibrated keys (seed 1000): " + "; ".join(f"{c} {k}: `{v}`" for (c, k), v in calibrated.items())
                  + f" (calibration pass: {args.calibration_samples} samples)", "",
-                 "Cost columns, relative to the 50-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
+                 f"Cost columns, relative to the {STEPS}-step run: UNet FLOPs; GPU time composed for an SD1.5-class UNet from the "
                  "H100 eager batch-cost curve (parallel decoders); time measured on the device above for this model "
                  "(one image, CFG, parallel decoders).", "",
-                 f"| configuration | UNet FLOPs | GPU time (SD1.5 H100, composed) | time measured | {kit.fd_name} ↓ | accuracy | PSNR to 50-step run |",
+                 "Rows \"FD ...\": reuse propagation (the paper's); \"FD forecast ...\": forecast propagation (order 1 "
+                 "unless \"o2\"); calibrated rows use the Calibrate node's output-error criterion for their propagation.", "",
+                 f"| configuration | UNet FLOPs | GPU time (SD1.5 H100, composed) | time measured | {kit.fd_name} ↓ | accuracy | PSNR to {STEPS}-step run |",
                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['name']} | {r['cost']:.3f} | {r['gpu']:.3f} | {r['measured']:.3f} | {r['fd']:.2f} | {r['acc']:.1%} | "
@@ -270,10 +303,20 @@ def main():
         print(f"{cname:36s} FLOPs {r['cost']:.3f}  GPU(SD1.5) {r['gpu']:.3f}  measured {r['measured']:.3f}  "
               f"{kit.fd_name} {r['fd']:7.2f}  acc {r['acc']:.0%}  PSNR {r['psnr']:6.2f}  {seconds:5.1f}s", flush=True)
         write_table(None)                      # after every row: a run cut short still leaves its rows
-    spread = [frechet(kit.features(kit.decode(configs["baseline 50 steps"][1](classes, s))), kit.real) for s in (2, 3)]
+    spread = [frechet(kit.features(kit.decode(configs[base_name][1](classes, s))), kit.real) for s in (2, 3)]
     write_table(spread + [rows[0]["fd"]])
-    plot(rows, out / f"{name}_vs_cost.png", title=kit.title)
+    plot(rows, out / f"{name}_vs_cost.png", title=f"{kit.title}, {SAMPLER} {STEPS} steps")
     print(f"wrote {out / f'{name}.md'} and {out / f'{name}_vs_cost.png'}")
+
+
+def table_name(model: str, sampler: str, steps: int) -> str:
+    base = TABLE_NAME[model]
+    return base if (sampler, steps) == ("euler", DEFAULT_STEPS) else f"{base}_{sampler}_{steps}"
+
+
+def engine_module(package: str, name: str):
+    from importlib import import_module
+    return import_module(f"{package}.fasterdiffusion.{name}")
 
 
 def family(name):
@@ -284,6 +327,9 @@ def family(name):
         return "EasyCache"
     if name.endswith("+ injection"):
         return "FD+inj"
+    if name.startswith("FD forecast"):
+        words = name.removeprefix("FD forecast ").split()
+        return "FD forecast fewer steps" if words and words[0].isdigit() else "FD forecast"
     return "FD fewer steps" if name.split()[1].isdigit() else "FD"
 
 
@@ -310,7 +356,8 @@ def point_label(name):
     """A short label for a point: 'paper', 'u:3', 'cal 9', '20 steps', 'EC 0.1', ' +inj' where injected."""
     label = (name.removeprefix("FD ").removeprefix("baseline ").replace("uniform:", "u:")
              .replace("calibrated, ", "cal ").replace("calibrated drift, ", "cal-d ").replace("calibrated output, ", "cal-o ").replace(" keys", "").replace("late-dense (paper Non-uniform II)", "late-dense")
-             .replace("EasyCache", "EC").replace(" + injection", " +inj"))
+             .replace("EasyCache", "EC").replace(" + injection", " +inj").replace("forecast calibrated, ", "fc cal ")
+             .replace("forecast ", "fc "))
     return label
 
 
@@ -357,8 +404,10 @@ def plot(rows, path, title="Digits test model"):
     fig, axes = plt.subplots(2, len(axes_x), figsize=(6.5 * len(axes_x), 10.5), dpi=DPI, squeeze=False)
     style = {"baseline": ("k", "o", "fewer steps (baseline)"), "FD": ("tab:orange", "s", "FasterDiffusion, 50 steps"),
              "FD+inj": ("tab:red", "^", "FasterDiffusion + noise injection"),
-             "FD fewer steps": ("tab:green", "v", "FasterDiffusion on fewer steps"), "EasyCache": ("tab:blue", "D", "EasyCache")}
-    metrics = (("fd", "FD (lower is better)"), ("psnr", "PSNR to the 50-step run, dB"))
+             "FD fewer steps": ("tab:green", "v", "FasterDiffusion on fewer steps"), "EasyCache": ("tab:blue", "D", "EasyCache"),
+             "FD forecast": ("tab:purple", "P", "FasterDiffusion forecast"),
+             "FD forecast fewer steps": ("tab:pink", "X", "FasterDiffusion forecast, fewer steps")}
+    metrics = (("fd", "FD (lower is better)"), ("psnr", "PSNR to the full run, dB"))
     for row_axes, (key, label) in zip(axes, metrics):
         for ax, (xkey, xlabel) in zip(row_axes, axes_x):
             for fam, (color, marker, legend) in style.items():
@@ -376,7 +425,7 @@ def plot(rows, path, title="Digits test model"):
             label_points(ax, [(r[xkey], r[key], point_label(r["name"]), style[r["family"]][0])
                               for r in rows if not math.isinf(r[key])])
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{title}: FasterDiffusion vs fewer steps vs EasyCache "
+    fig.suptitle(f"{title}: FasterDiffusion (reuse, forecast = fc) vs fewer steps vs EasyCache "
                  "(u:K = uniform:K, cal N = calibrated N keys, EC = EasyCache threshold)")
     fig.savefig(path, dpi=DPI)
     return fig

@@ -91,7 +91,8 @@ function addStrategyEditor(node) {
   function render(force = false) {
     root.dataset.nodeId = node.id;     // ids are assigned when the node joins a graph, after creation
     const n = stepCount();
-    const key = `${strategy.value}|${n}`;
+    const propagation = node.widgets?.find((w) => w.name === "propagation")?.value ?? "reuse";
+    const key = `${strategy.value}|${n}|${propagation}`;
     if (!force && key === lastKey) return;
     lastKey = key;
     stepsInput.value = n;
@@ -101,13 +102,14 @@ function addStrategyEditor(node) {
     const starts = new Set(groups(keys, n).map((g) => g[0]));
     cells.replaceChildren(...Array.from({ length: n }, (_, i) => el("div", {
       className: `fd-cell${keys.includes(i) ? " fd-key" : ""}${i > 0 && starts.has(i) ? " fd-group-start" : ""}`,
-      title: `step ${i}: ${keys.includes(i) ? "key (encoder runs)" : "propagated (decoder only)"} — click to toggle`,
+      title: `step ${i}: ${keys.includes(i) ? "key (encoder runs)" : `propagated (decoder only, ${propagation === "forecast" ? "forecast" : "reused"} features)`} — click to toggle`,
       onclick: () => toggle(i, keys, n) })));
     const cost = predictedCost(keys, n);
     const sizes = groups(keys, n).map((g) => g.length);
     info.textContent = `${keys.length} of ${n} steps run the encoder · groups ${sizes.join(" ")} · UNet FLOPs ` +
       `${Math.round(cost.flops * 100)}% · SD1.5 GPU time with parallel decoders ≈ ${Math.round(cost.gpu * 100)}% ` +
-      `(${(1 / cost.gpu).toFixed(1)}× faster)`;
+      `(${(1 / cost.gpu).toFixed(1)}× faster) · non-key steps: ` +
+      (propagation === "forecast" ? "features forecast from the last two key steps" : "the last key step's features reused");
   }
   function set(text) {
     try { parseStrategy(text); } catch (e) { msg.textContent = `Invalid strategy: ${e.message}`; return false; }
