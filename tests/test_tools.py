@@ -39,8 +39,9 @@ def test_demo_image_is_labelled_and_uses_the_recommended_strategy(tmp_path):
 def test_benchmark_shows_progress(tmp_path):
     stdout = run_tool(TOOLS / "benchmark.py", "--models", "digits", "--steps", 3, "--repeats", 1, "--no-injection")
     lines = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]
-    assert len(lines) == 2 * 3, stdout                      # warm-up + 1 repeat, three variants each
-    assert "digits: warm-up, baseline" in lines[0] and "repeat 1 of 1, EP+parallel" in lines[-1]
+    assert len(lines) == 2 * 4, stdout                      # warm-up + 1 repeat, four variants each
+    assert "digits: warm-up, baseline" in lines[0] and "repeat 1 of 1, forecast" in lines[-1]
+    assert "PEP+forecast" in stdout and "forecast keeps one more key step's features" in stdout
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Benchmark: baseline vs encoder propagation (EP) vs EP + parallel decoders (PEP), in ComfyUI.
+"""Benchmark: baseline vs encoder propagation (EP) vs EP + parallel decoders (PEP), with the paper's reuse
+propagation, and PEP with forecast propagation (the pack's default), in ComfyUI.
 
     bash tools/run.sh benchmark          # CPU defaults: digits + SD1.5, 10–15 min and 5 GB of memory
     python tools/benchmark.py --device cuda --dtype fp16 --models sd15,sdxl --size 64,128 --steps 50
@@ -68,7 +69,8 @@ def _ldm(cu):
 
 
 def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
-    """Encoder+bottleneck fraction of one full forward's FLOPs, counted on this UNet at this shape."""
+    """(Encoder+bottleneck fraction of one full forward's FLOPs, counted on this UNet at this shape; bytes of one
+    key step's features: what forecast propagation keeps once more per call slot)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
@@ -82,8 +84,9 @@ def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
             ldm = _ldm(cu)
             call = ldm.make_call(x, t, ctx, y, None, {}, {})
             adapter = ldm.LdmUNetAdapter(unet)
-            adapter.encode(call, adapter.embed(call))
-    return enc.get_total_flops() / full.get_total_flops()
+            feats = adapter.encode(call, adapter.embed(call))
+    kept = sum(t.numel() * t.element_size() for t in feats.skips + [feats.mid])
+    return enc.get_total_flops() / full.get_total_flops(), kept
 
 
 def print_decoder_memory(unet, cu, size, pos, adm, dtype, device):
@@ -210,15 +213,17 @@ def main():
         timed_model = model.clone()
         timed_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_timer", timed)
         variants = {"baseline": timed_model}
-        for label, parallel in (("EP", False), ("EP+parallel", True)):
-            (variants[label],) = Apply.execute(timed_model, args.strategy, parallel, args.max_decoder_batch)
+        for label, parallel, propagation in (("EP", False, "reuse"), ("EP+parallel", True, "reuse"),
+                                             ("forecast", True, "forecast")):
+            (variants[label],) = Apply.execute(timed_model, args.strategy, parallel, args.max_decoder_batch,
+                                               propagation=propagation)
         config = variants["EP+parallel"].model_options["transformer_options"][cu.KEY]
         latent = torch.zeros(batch, 4, size, size)
         noise = comfy.sample.prepare_noise(latent, 42)
         unet = model.model.diffusion_model
         adm = unet.label_emb[0][0].in_features if unet.num_classes == "sequential" else 0
-        share = encoder_share(unet, cu, size, 2 * batch, pos[0][0].shape[1:], adm,
-                              next(unet.parameters()).device, model.model_dtype())
+        share, kept_bytes = encoder_share(unet, cu, size, 2 * batch, pos[0][0].shape[1:], adm,
+                                          next(unet.parameters()).device, model.model_dtype())
 
         times = {k: ([], []) for k in variants}
         outs = {}
@@ -249,13 +254,15 @@ def main():
             fid = {k: psnr(v, base, peak) for k, v in outs.items()}
             fid_label = "latent PSNR"
         print(f"\n== {name}: latent {size}x{size}, batch {batch} (+CFG), {steps} steps; {plan.describe()}; "
-              f"encoder+middle = {share:.1%} of UNet FLOPs; parallel decoder batches {config.reports[-1]['decoder_batches']}")
+              f"encoder+middle = {share:.1%} of UNet FLOPs; parallel decoder batches {config.reports[-1]['decoder_batches']}; "
+              f"forecast keeps one more key step's features per call slot: {kept_bytes / 2 ** 20:.2f} MiB (CFG batch)")
         print(f"{'variant':12s} {'UNet s':>8s} {'total s':>8s} {'UNet ratio':>10s} {'FLOP pred':>9s} {fid_label:>11s}")
         for label in variants:
             u = statistics.median(times[label][0])
             tot = statistics.median(times[label][1])
             pred = 1.0 if label == "baseline" else predicted
-            print(f"{label:12s} {u:8.3f} {tot:8.3f} {u / base_unet:10.3f} {pred:9.3f} {fid[label]:11.2f}")
+            label_text = "PEP+forecast" if label == "forecast" else label
+            print(f"{label_text:12s} {u:8.3f} {tot:8.3f} {u / base_unet:10.3f} {pred:9.3f} {fid[label]:11.2f}")
         if args.memory and cuda:
             print_decoder_memory(unet, cu, size, pos, adm, model.model_dtype(), args.device)
         del variants, timed_model, model

@@ -1,10 +1,12 @@
 """Survey: which stock samplers encoder propagation can serve, on the trained digits test model.
 
-    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/sampler_survey.py [--steps 20] [--strategy paper]
+    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/sampler_survey.py [--steps 20] [--strategy uniform:2]
 
 For every ComfyUI sampler, samples 20 digits (2 per class, same seed) with the plain model and through
-FasterDiffusion Apply, and prints the digit-classifier accuracy of both and the relative image difference.
-Samplers whose accuracy falls far are in fasterdiffusion/samplers.py BYPASSED (they run in full).
+FasterDiffusion Apply with each propagation, and prints the digit-classifier accuracy and the image PSNR to the
+plain run: reuse; forecast as the pack runs it (it reuses where fasterdiffusion/samplers.py says forecasting
+measured worse); and forecast forced on every sampler.  Samplers whose accuracy falls far are in
+fasterdiffusion/samplers.py BYPASSED (they run in full).  Writes docs/quality/sampler_survey.md.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import testmodel as tm  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--strategy", default="paper")
+    ap.add_argument("--strategy", default="uniform:2")
+    ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality" / "sampler_survey.md"))
     args = ap.parse_args()
     tm.boot_comfy()
     import numpy as np
@@ -33,19 +36,43 @@ def main():
     warnings.filterwarnings("ignore", category=UserWarning)   # torchsde chatter from the SDE samplers
     Apply, cu = tm.load_pack(tempfile.mkdtemp())
     model, tokens = tm.load_test_model()
-    (fd,) = Apply.execute(model, args.strategy, True, 32)
-    config = fd.model_options["transformer_options"][cu.KEY]
+    import math
+    import shlex
+    policy = cu.forecast_off_reason
+    runs = {}
+    for name in ("reuse", "forecast", "forecast always"):
+        (m,) = Apply.execute(model, args.strategy, True, 32, propagation=name.split()[0])
+        runs[name] = (m, m.model_options["transformer_options"][cu.KEY])
     digits = list(range(10)) * 2
-    print(f"{'sampler':30s} {'plain':>6s} {'FD':>6s} {'rel diff':>8s}  FasterDiffusion")
+
+    def psnr(a, b):
+        mse = float(((a - b) ** 2).mean())
+        return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    head = (f"| sampler | plain acc | reuse acc | reuse PSNR | forecast (as run) acc | PSNR | forecast forced PSNR "
+            f"| FasterDiffusion |")
+    lines = [f"# Sampler survey: digits model, {args.steps} steps, `{args.strategy}`, 20 digits, CFG 3", "",
+             f"Command: `OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/sampler_survey.py "
+             f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`. PSNR of the images to the plain run of the same "
+             "sampler; \"as run\" is what the pack does (it reuses where forecasting measured worse), \"forced\" "
+             "forecasts everywhere.", "", head, "|---|---|---|---|---|---|---|---|"]
+    print(head)
     for name in comfy.samplers.SAMPLER_NAMES:
         if name in ("dpm_fast", "dpm_adaptive"):      # adaptive step sizes: no fixed schedule to propagate on
             continue
-        images = [tm.decode(tm.sample_digits(m, tokens, digits, seed=1, steps=args.steps, sampler=name))
-                  for m in (model, fd)]
-        acc = [float((tm.classify(i) == np.array(digits)).mean()) for i in images]
-        diff = float((images[1] - images[0]).norm() / images[0].norm())
-        status = "bypassed (full compute)" if config.reports[-1].get("bypassed") else "propagated"
-        print(f"{name:30s} {acc[0]:6.0%} {acc[1]:6.0%} {diff:8.3f}  {status}", flush=True)
+        images = {"plain": tm.decode(tm.sample_digits(model, tokens, digits, seed=1, steps=args.steps, sampler=name))}
+        for run_name, (m, _) in runs.items():
+            cu.forecast_off_reason = (lambda *a: None) if run_name == "forecast always" else policy
+            images[run_name] = tm.decode(tm.sample_digits(m, tokens, digits, seed=1, steps=args.steps, sampler=name))
+        cu.forecast_off_reason = policy
+        acc = {k: float((tm.classify(i) == np.array(digits)).mean()) for k, i in images.items()}
+        db = {k: psnr(i, images["plain"]) for k, i in images.items()}
+        r = runs["forecast"][1].reports[-1]          # what the pack did with forecast asked for
+        status = ("bypassed (full compute)" if r.get("bypassed") else
+                  "forecast" if r.get("propagation", "reuse") != "reuse" else "reuse (" + (r.get("forecast_off") or "")[:60] + ")")
+        lines.append(f"| {name} | {acc['plain']:.0%} | {acc['reuse']:.0%} | {db['reuse']:.1f} | {acc['forecast']:.0%} | "
+                     f"{db['forecast']:.1f} | {db['forecast always']:.1f} | {status} |")
+        print(lines[-1], flush=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
