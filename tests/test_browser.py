@@ -78,6 +78,13 @@ def test_strategy_editor_end_to_end(page):
     # the step count comes from the connected KSampler; paper at 10 steps = keys 0,1,2,3,5
     assert cells.count() == 10 and editor.locator(".fd-cell.fd-key").count() == 5
     assert "5 of 10 steps run the encoder" in editor.locator(".fd-info").inner_text()
+    assert "features forecast from the last two key steps" in editor.locator(".fd-info").inner_text()
+    page.evaluate("""(id) => { const w = app.graph.getNodeById(id).widgets.find((w) => w.name === "propagation");
+                                w.value = "reuse"; w.callback?.("reuse"); }""", fd)
+    page.wait_for_function("""(id) => document.querySelector(`.fd-editor[data-node-id='${id}'] .fd-info`)
+                              .textContent.includes("the last key step's features reused")""", arg=fd, timeout=5_000)
+    page.evaluate("""(id) => { const w = app.graph.getNodeById(id).widgets.find((w) => w.name === "propagation");
+                                w.value = "forecast"; w.callback?.("forecast"); }""", fd)
 
     cells.nth(4).click()                                         # make step 4 a key step
     assert strategy_of(page, fd) == "0,1,2,3,4,5"

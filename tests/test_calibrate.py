@@ -96,13 +96,20 @@ def test_the_criterion_input_picks_the_matrix_and_defaults_to_output_error(pack,
     assert optional["criterion"][1]["default"] == "output_error"
     assert all(spec[1].get("tooltip") for spec in optional.values())
     stale = measured(pack, *digits, stale_outputs=True)
-    want = {"output_error": choose_keys(stale.output_error(), 20, 5), "drift": choose_keys(stale.drift(), 20, 5)}
-    assert want["output_error"] != want["drift"], "a case where the criteria disagree"
-    assert calibrate(*digits, key_steps=5)[0] == ",".join(map(str, want["output_error"])), "a saved workflow: default"
-    for criterion, keys in want.items():
-        strategy = calibrate(*digits, key_steps=5, criterion=criterion)[0]
-        assert strategy == ",".join(map(str, keys)), criterion
-        assert calibrate(*digits, key_steps=5, criterion=criterion)[0] == strategy, "deterministic"
+    want = {("output_error", "forecast"): choose_keys(stale.forecast_output_error(), 20, 5),
+            ("drift", "forecast"): choose_keys(stale.drift(forecast=True), 20, 5),
+            ("output_error", "reuse"): choose_keys(stale.output_error(), 20, 5),
+            ("drift", "reuse"): choose_keys(stale.drift(), 20, 5)}
+    # a case where the propagation changes each criterion's plan, and the criteria disagree under each
+    assert want["output_error", "forecast"] != want["output_error", "reuse"] != want["drift", "reuse"]
+    assert want["output_error", "forecast"] != want["drift", "forecast"]
+    assert calibrate(*digits, key_steps=5)[0] == ",".join(map(str, want["output_error", "forecast"])), \
+        "a saved workflow: the defaults (output error, forecast)"
+    for (criterion, propagation), keys in want.items():
+        strategy = calibrate(*digits, key_steps=5, criterion=criterion, propagation=propagation)[0]
+        assert strategy == ",".join(map(str, keys)), (criterion, propagation)
+        assert calibrate(*digits, key_steps=5, criterion=criterion, propagation=propagation)[0] == strategy, \
+            "deterministic"
     with pytest.raises(ValueError, match="criterion must be one of"):
         calibrate(*digits, criterion="psnr")
 
@@ -110,7 +117,7 @@ def test_the_criterion_input_picks_the_matrix_and_defaults_to_output_error(pack,
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.75])
 def test_a_gpu_time_budget_gets_the_most_keys_that_fit(pack, calibrate, digits, fraction):
     from fasterdiffusion import choose_keys, predicted_gpu_fraction
-    cost = measured(pack, *digits, stale_outputs=True).output_error()
+    cost = measured(pack, *digits, stale_outputs=True).forecast_output_error()      # the default propagation
     strategy = calibrate(*digits, budget_mode="gpu_time", gpu_time_fraction=fraction, key_steps=1, target_cost=0.9)[0]
     plan = make_plan(strategy, 20)
     assert predicted_gpu_fraction(plan) <= fraction, "within the budget (key_steps and target_cost are ignored)"
