@@ -125,7 +125,7 @@ def test_strategy_editor_end_to_end(page):
     # saved in the workflow (no extra widget value), in the API prompt, and restored on load
     workflow = page.evaluate("() => (window.__fdSaved = JSON.parse(JSON.stringify(app.graph.serialize())))")
     node = next(n for n in workflow["nodes"] if str(n["id"]) == str(fd))   # ids are strings on newer frontends
-    assert node["widgets_values"] == ["0,1,2,6", True, 32, True]      # the last: controlnet_reuse
+    assert node["widgets_values"] == ["0,1,2,6", True, 32, True, "forecast"]   # controlnet_reuse, propagation
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert prompt[str(fd)]["inputs"]["strategy"] == "0,1,2,6"
     page.evaluate("() => app.graph.clear()")

@@ -124,7 +124,7 @@ def test_compare_node_over_http(server):
     prompt_id, done, progress, texts = queue_and_follow(url, compare_graph("uniform:2"))
     assert done is not None and done["type"] == "execution_success", done
     shown = [t for node, t in texts if node == "4"]
-    assert shown[-1].startswith("FasterDiffusion Compare [uniform:2], 8 steps\ntime: full ")
+    assert shown[-1].startswith("FasterDiffusion Compare [uniform:2, forecast (order 1)], 8 steps\ntime: full ")
     assert "PSNR vs full: FasterDiffusion " in shown[-1] and "\nrecommendation: " in shown[-1]
     assert list((base / "output").glob("fd_compare_*.png"))
 
