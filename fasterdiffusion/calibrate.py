@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .forecast import DEFAULT_CLAMP
 from .strategy import SD15_GPU_MS, make_plan, predicted_gpu_fraction
 
 
@@ -133,8 +134,15 @@ def _plans_by_count_pairs(cost, n: int, k_max: int) -> dict[int, list[int]]:
     return plans
 
 
-def forecast_costs(changes: dict, n: int):
-    """``cost[p + 1][a][b]`` for forecast propagation (order 1, in the step index) from the measured output
+def _ratio(j: int, a: int, p: int, clamp) -> float:
+    """How many key spacings (a - p) step j lies past key a, held at ``clamp`` (forecast.Forecast.clamp)."""
+    r = (j - a) / (a - p)
+    return r if clamp is None else min(r, clamp)
+
+
+def forecast_costs(changes: dict, n: int, clamp=DEFAULT_CLAMP):
+    """``cost[p + 1][a][b]`` for forecast propagation (order 1, in the step index, held at ``clamp`` key
+    spacings past the key as the runtime holds it) from the measured output
     changes ``changes[chunk][(a, j)]`` = step-weighted (decoder of step j on step a's features) - (its own
     output).  The decoder is taken as linear over the short extrapolation, so the change on forecast features
     f_a + r (f_a - f_p), r = (j - a) / (a - p), is (1 + r) c_aj - r c_pj: the group's cost is the squared norm
@@ -152,14 +160,14 @@ def forecast_costs(changes: dict, n: int):
                 for j in range(a + 1, n):
                     c = chunk[(a, j)]
                     if p >= 0:
-                        r = (j - a) / (a - p)
+                        r = _ratio(j, a, p, clamp)
                         c = (1 + r) * c - r * chunk[(p, j)]
                     acc = acc + c
                     cost[p + 1, a, j + 1] += float((acc ** 2).sum())
     return cost
 
 
-def forecast_drift_costs(per_step: list, n: int):
+def forecast_drift_costs(per_step: list, n: int, clamp=DEFAULT_CLAMP):
     """``cost[p + 1][a][b]`` like ``forecast_costs`` for the drift criterion: the relative distance of the
     order-1 forecast features from each step's own, ``feature_drift``'s measure, from Gram matrices of the
     (pooled) features ``per_step[i]`` = [tensor per feature]."""
@@ -172,7 +180,7 @@ def forecast_drift_costs(per_step: list, n: int):
             acc = 0.0
             cost[p + 1, a, a + 1] = 0.0
             for j in range(a + 1, n):
-                r = 0.0 if p < 0 else (j - a) / (a - p)
+                r = 0.0 if p < 0 else _ratio(j, a, p, clamp)
                 q = p if p >= 0 else a
                 err = sum(((1 + r) ** 2 * G[a, a] + r * r * G[q, q] + G[j, j] - 2 * r * (1 + r) * G[a, q]
                            - 2 * (1 + r) * G[a, j] + 2 * r * G[q, j]) / (G[j, j] + 1e-12) for G in grams) / len(grams)

@@ -26,11 +26,14 @@ PARTS = ("both", "skips", "mid")
 class Forecast:
     """How features are forecast.  ``order`` 0 is reuse; ``variable`` is what the polynomial runs in
     (the step index, the model timestep, or log sigma); ``damping`` scales the extrapolated change (1 =
-    the full polynomial, 0 = reuse); ``parts`` which features are forecast (the others are reused)."""
+    the full polynomial, 0 = reuse); ``parts`` which features are forecast (the others are reused);
+    ``clamp`` holds the forecast at ``clamp`` key spacings past the newest key (the last two keys' spacing),
+    so a long group does not extrapolate far beyond what its keys span."""
     order: int = 1
     variable: str = "step"
     damping: float = 1.0
     parts: str = "both"
+    clamp: float | None = None      # extrapolate at most this many key spacings past the newest key (None: no limit)
 
     def __post_init__(self):
         if not isinstance(self.order, int) or not 0 <= self.order <= 3:
@@ -42,6 +45,9 @@ class Forecast:
 
 
 REUSE = Forecast(order=0)
+# no further than one key spacing past the newest key: uniform plans never reach it; long groups after short
+# spacings (the paper's keys) stop there (docs/quality/forecast_digits_clamp.md)
+DEFAULT_CLAMP = 1.0
 
 
 def forecast_settings(propagation, order: int = 1) -> Forecast:
@@ -50,7 +56,7 @@ def forecast_settings(propagation, order: int = 1) -> Forecast:
         return propagation
     if propagation not in PROPAGATIONS:
         raise ValueError(f"FasterDiffusion: propagation must be one of {', '.join(PROPAGATIONS)}, not {propagation!r}")
-    return REUSE if propagation == "reuse" else Forecast(order=order)
+    return REUSE if propagation == "reuse" else Forecast(order=order, clamp=DEFAULT_CLAMP)
 
 
 def weights(us: list[float], u: float) -> list[float]:
@@ -89,7 +95,11 @@ def extrapolate(f: Forecast, history: list, step: int, timesteps=None, sigmas=No
     us = [variable_of(f, k, timesteps, sigmas) for k, _ in used]
     if len(set(us)) < len(us):              # two keys at one value of the variable: nothing to fit
         return newest
-    ws = [f.damping * w for w in weights(us, variable_of(f, step, timesteps, sigmas))]
+    u = variable_of(f, step, timesteps, sigmas)
+    if f.clamp is not None:
+        spacing = us[-1] - us[-2]
+        u = min(u, us[-1] + f.clamp * spacing) if spacing > 0 else max(u, us[-1] + f.clamp * spacing)
+    ws = [f.damping * w for w in weights(us, u)]
     olds = [feats for _, feats in used[:-1]]
 
     def combine(get):

@@ -67,7 +67,7 @@ def test_constant_features_forecast_to_exactly_themselves():
 
 
 def test_settings_names():
-    assert forecast_settings("reuse") is REUSE and forecast_settings("forecast") == Forecast(1)
+    assert forecast_settings("reuse") is REUSE and forecast_settings("forecast") == Forecast(1, clamp=1.0)
     assert forecast_settings(Forecast(2)) == Forecast(2)
     with pytest.raises(ValueError, match="propagation must be one of forecast, reuse"):
         forecast_settings("extrapolate")
@@ -288,17 +288,18 @@ def test_forecast_output_cost_is_exact_for_a_linear_decoder():
     w = [0.5 + j / n for j in range(n)]
     out = [M[j] @ f[j] for j in range(n)]
     changes = {("c",): {(a, j): w[j] * (M[j] @ f[a] - out[j]) for j in range(n) for a in range(j)}}
-    cost = forecast_costs(changes, n)
-    for keys in ([0, 2, 3, 6], [0, 1, 4], [0, 3]):
+    cost, unclamped = forecast_costs(changes, n), forecast_costs(changes, n, clamp=None)
+    for keys in ([0, 2, 3, 6], [0, 1, 4], [0, 3], [0, 1, 6]):
         bounds, direct = keys + [n], 0.0
         for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
             p = bounds[i - 1] if i else None
             total = torch.zeros(3, dtype=torch.float64)
             for j in range(a + 1, b):
-                fc = f[a] if p is None else f[a] + (j - a) / (a - p) * (f[a] - f[p])
+                fc = f[a] if p is None else f[a] + min((j - a) / (a - p), 1.0) * (f[a] - f[p])   # clamp 1
                 total += w[j] * (M[j] @ fc - out[j])
             direct += float((total ** 2).sum())
         assert plan_drift(cost, keys, n) == pytest.approx(direct), keys
+    assert plan_drift(unclamped, [0, 1, 6], n) != pytest.approx(plan_drift(cost, [0, 1, 6], n)), "the clamp acts"
 
 
 def test_forecast_drift_cost_is_the_forecast_feature_distance():
@@ -306,7 +307,7 @@ def test_forecast_drift_cost_is_the_forecast_feature_distance():
     g = torch.Generator().manual_seed(1)
     n = 6
     per_step = [[torch.randn(2, 3, generator=g), torch.randn(4, generator=g)] for _ in range(n)]
-    cost = forecast_drift_costs(per_step, n)
+    cost = forecast_drift_costs(per_step, n, clamp=None)
     p, a, b = 1, 3, 6
     direct = 0.0
     for j in range(a + 1, b):
@@ -375,3 +376,12 @@ def test_forecast_with_controlnet_reuse(pack, digits, kind):
     reuse = tc.run(apply(pack, model, "uniform:4", propagation="reuse")[0], conds)
     print(f"\n{kind}: rel to the full run: forecast {tc.rel(outs[True], base):.4f}, reuse {tc.rel(reuse, base):.4f}")
     assert tc.rel(outs[True], tc.run(model, tm.digit_conditioning(tok, [3]))) > 1e-2, "the control acts"
+
+
+def test_clamp_holds_the_forecast_at_a_multiple_of_the_key_spacing():
+    history = [(0, feats(0.0, 0.0)), (2, feats(2.0, 2.0))]
+    assert extrapolate(Forecast(1, clamp=1.0), history, 3).mid.item() == pytest.approx(3.0)      # inside: unchanged
+    assert extrapolate(Forecast(1, clamp=1.0), history, 9).mid.item() == pytest.approx(4.0)      # held at 2 + 1 x 2
+    assert extrapolate(Forecast(1, clamp=0.5), history, 9).mid.item() == pytest.approx(3.0)
+    timesteps = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0, 100.0])    # a decreasing variable too
+    assert extrapolate(Forecast(1, "timestep", clamp=1.0), history, 5, timesteps).mid.item() == pytest.approx(4.0)

@@ -39,7 +39,8 @@ def variants(forecast_module):
     return {"reuse": REUSE, "o1 step": Forecast(1), "o2 step": Forecast(2), "o1 timestep": Forecast(1, "timestep"),
             "o1 log-sigma": Forecast(1, "log_sigma"), "o1 damp 0.5": Forecast(1, damping=0.5),
             "o1 damp 0.8": Forecast(1, damping=0.8), "o1 skips only": Forecast(1, parts="skips"),
-            "o1 mid only": Forecast(1, parts="mid"), "o2 damp 0.5": Forecast(2, damping=0.5)}
+            "o1 mid only": Forecast(1, parts="mid"), "o2 damp 0.5": Forecast(2, damping=0.5),
+            "o1 clamp 1": Forecast(1, clamp=1.0), "o1 clamp 0.5": Forecast(1, clamp=0.5)}
 
 
 def main():
