@@ -83,35 +83,64 @@ def variable_of(f: Forecast, step: int, timesteps, sigmas) -> float:
 def extrapolate(f: Forecast, history: list, step: int, timesteps=None, sigmas=None):
     """The features at ``step`` from ``history`` = [(key step, Features)], oldest first (this slot's
     last key steps): the newest alone where the forecast has nothing to add."""
-    from .runtime import Features          # runtime imports this module
+    return extrapolate_steps(f, history, [step], timesteps, sigmas)
+
+
+def extrapolate_steps(f: Forecast, history: list, steps: list, timesteps=None, sigmas=None):
+    """``extrapolate`` for each of ``steps``, stacked step-major on the batch dim (what one batched decoder
+    call of those steps needs); the differences to the newest key are taken once for all of them."""
     newest = history[-1][1]
-    used = history[-(f.order + 1):] if f.order > 0 else history[-1:]
-    # only keys whose features have the newest's shapes (a patch such as deep shrink changes them over the run)
-    shapes = _shapes(newest)
-    while len(used) > 1 and _shapes(used[0][1]) != shapes:
-        used = used[1:]
-    if len(used) < 2 or f.damping == 0 or step == history[-1][0]:
-        return newest
-    us = [variable_of(f, k, timesteps, sigmas) for k, _ in used]
-    if len(set(us)) < len(us):              # two keys at one value of the variable: nothing to fit
-        return newest
-    u = variable_of(f, step, timesteps, sigmas)
-    if f.clamp is not None:
-        spacing = us[-1] - us[-2]
-        u = min(u, us[-1] + f.clamp * spacing) if spacing > 0 else max(u, us[-1] + f.clamp * spacing)
-    ws = [f.damping * w for w in weights(us, u)]
+    keys = _keys_used(f, history, timesteps, sigmas)
+    if keys is None:
+        return newest.tile(len(steps))
+    used, us = keys
+    ws = [[0.0] * (len(used) - 1) if s == used[-1][0] else _weights_at(f, us, variable_of(f, s, timesteps, sigmas))
+          for s in steps]
+    if not any(any(w) for w in ws):
+        return newest.tile(len(steps))
     olds = [feats for _, feats in used[:-1]]
 
     def combine(get):
         anchor = get(newest)
-        out = anchor
-        for w, old in zip(ws, olds):
-            out = out + w * (get(old) - anchor)
-        return out
+        if len(steps) == 1:
+            out = anchor
+            for w, old in zip(ws[0], olds):
+                out = out + w * (get(old) - anchor)
+            return out
+        out = anchor.unsqueeze(0)
+        for j, old in enumerate(olds):
+            w = torch.tensor([row[j] for row in ws], dtype=anchor.dtype, device=anchor.device)
+            out = out + w.view(-1, *[1] * anchor.dim()) * (get(old) - anchor).unsqueeze(0)
+        return out.reshape(len(steps) * anchor.shape[0], *anchor.shape[1:])
+
+    tiled = newest.tile(len(steps)) if f.parts != "both" else None
     skips = ([combine(lambda x, i=i: x.skips[i]) for i in range(len(newest.skips))]
-             if f.parts in ("both", "skips") else newest.skips)
-    mid = combine(lambda x: x.mid) if f.parts in ("both", "mid") and newest.mid is not None else newest.mid
-    return Features(skips, mid, newest.meta)
+             if f.parts in ("both", "skips") else tiled.skips)
+    mid = combine(lambda x: x.mid) if f.parts in ("both", "mid") else tiled.mid
+    return type(newest)(skips, mid, newest.meta)
+
+
+def _keys_used(f: Forecast, history: list, timesteps, sigmas):
+    """(the keys a forecast fits, their values of the variable), or None where it has nothing to add."""
+    used = history[-(f.order + 1):] if f.order > 0 else history[-1:]
+    # only keys whose features have the newest's shapes (a patch such as deep shrink changes them over the run)
+    shapes = _shapes(history[-1][1])
+    while len(used) > 1 and _shapes(used[0][1]) != shapes:
+        used = used[1:]
+    if len(used) < 2 or f.damping == 0:
+        return None
+    us = [variable_of(f, k, timesteps, sigmas) for k, _ in used]
+    if len(set(us)) < len(us):              # two keys at one value of the variable: nothing to fit
+        return None
+    return used, us
+
+
+def _weights_at(f: Forecast, us: list, u: float) -> list:
+    """The damped Lagrange weights of the older keys at ``u`` (held at ``clamp`` key spacings past the newest)."""
+    if f.clamp is not None:
+        spacing = us[-1] - us[-2]
+        u = min(u, us[-1] + f.clamp * spacing) if spacing > 0 else max(u, us[-1] + f.clamp * spacing)
+    return [f.damping * w for w in weights(us, u)]
 
 
 def _shapes(feats) -> tuple:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
-from .forecast import REUSE, Forecast, extrapolate
+from .forecast import REUSE, Forecast, extrapolate, extrapolate_steps
 from .schedule import match_step
 from .strategy import Plan, Strategy, make_plan
 
@@ -56,15 +56,6 @@ class Features:
         if n == 1:
             return self
         return Features([repeat_rows(t, n) for t in self.skips], repeat_rows(self.mid, n), self.meta)
-
-
-def stack_features(per_step: list) -> Features:
-    """Each step's own features stacked step-major on the batch dim (``tile`` when they are one object)."""
-    first = per_step[0]
-    if all(f is first for f in per_step):
-        return first.tile(len(per_step))
-    return Features([torch.cat([f.skips[i] for f in per_step]) for i in range(len(first.skips))],
-                    torch.cat([f.mid for f in per_step]), first.meta)
 
 
 def repeat_rows(t, n: int):
@@ -276,8 +267,12 @@ class Run:
                 self._parallel_off("ControlNet residuals change every step: decoders ran one step at a time")
             self.stats.decoder_batches.append(1)
             return adapter.decode(call, feats, emb)
-        per_step = [feats] + [self.features_at(slot, s) for s in group[1:]]
-        outs, widths = decode_steps(adapter, call, per_step, self.rows_for(call, group), self.config.max_decoder_batch)
+        if self.forecast.order == 0:
+            per_call = feats
+        else:               # the key step's own row gets its fresh features: its forecast weights are all 0
+            per_call = lambda start, n: extrapolate_steps(self.forecast, self.history[slot], list(group[start:start + n]),
+                                                          self.timesteps, self.sigmas)
+        outs, widths = decode_steps(adapter, call, per_call, self.rows_for(call, group), self.config.max_decoder_batch)
         self.stats.decoder_batches.extend(widths)
         for s, out in zip(group[1:], outs[1:]):
             self.outputs[(slot, s)] = out
@@ -308,10 +303,11 @@ class Run:
 
 
 def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_rows: int):
-    """Decoder outputs of several steps on one set of features (``Features``) or on each step's own (a
-    list, one per entry of ``rows``), in as few batched calls as ``max_rows`` (0 = no cap) allows; returns
-    (outputs, steps per call).  Rows are independent: sub-batching is exact."""
-    per_step = feats if isinstance(feats, list) else [feats] * len(rows)
+    """Decoder outputs of several steps on one set of features (``Features``) or on each step's own
+    (``feats(start, n)`` gives entries start..start+n-1 of ``rows`` stacked), in as few batched calls as
+    ``max_rows`` (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching
+    is exact."""
+    stacked = feats if callable(feats) else (lambda start, n: feats.tile(n))
     b = call.rows
     per_call = len(rows) if max_rows <= 0 else max(1, max_rows // b)
     outs, widths = [], []
@@ -320,7 +316,7 @@ def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_r
         n = len(chunk)
         sig = None if chunk[0][1] is None else torch.cat([s for _, s in chunk])
         big = adapter.tile(call, n, torch.cat([t for t, _ in chunk]), sig)
-        out = adapter.decode(big, stack_features(per_step[start:start + n]), adapter.embed(big))
+        out = adapter.decode(big, stacked(start, n), adapter.embed(big))
         outs.extend(out.chunk(n))
         widths.append(n)
     return outs, widths
