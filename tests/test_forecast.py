@@ -385,3 +385,35 @@ def test_clamp_holds_the_forecast_at_a_multiple_of_the_key_spacing():
     assert extrapolate(Forecast(1, clamp=0.5), history, 9).mid.item() == pytest.approx(3.0)
     timesteps = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0, 100.0])    # a decreasing variable too
     assert extrapolate(Forecast(1, "timestep", clamp=1.0), history, 5, timesteps).mid.item() == pytest.approx(4.0)
+
+
+def test_forecast_keeps_late_keys_img2img_and_two_pass_semantics(pack, digits):
+    """Under forecast: a ControlNet starting inside a group still makes a late key step (and runs there, then
+    once per group); img2img (denoise < 1) counts steps within its own run, parallel = sequential; a second
+    sampling pass is a run of its own (its first group reuses: no history from the first pass)."""
+    import test_controlnet as tc
+    from conftest import apply
+    import testmodel as tm
+    model, tok = digits
+    net = tm.digits_controlnet()
+    first = tc.first_step(model, start=0.3)
+    conds = tc.controlled(tok, (net, 1.0, 0.3, 1.0))
+    fd, config = apply(pack, model, "uniform:4", True, 32, propagation="forecast")
+    with tc.counting(model, tc.schedule(model)) as calls:
+        tc.run(fd, conds)
+    r = config.reports[-1]
+    assert first % 4 and r["late_keys"] == [first] and r["propagation"] == "forecast (order 1)"
+    assert calls.steps(net.control_model) == sorted(k for k in list(range(0, tc.STEPS, 4)) + [first] if k >= first)
+    # img2img: ComfyUI runs the last 20 steps of a longer schedule (20 / 0.6 steps): steps count within the run
+    latents = {}
+    for parallel in (True, False):
+        m, config = apply(pack, model, "uniform:3", parallel, 32, propagation="forecast")
+        init = tm.sample_digits(model, tok, [6], seed=1, steps=8)
+        latents[parallel] = tm.sample_digits(m, tok, [6], seed=2, steps=20, denoise=0.6, latent=init)
+        assert config.reports[-1]["steps"] == 20 and config.reports[-1]["keys"] == list(range(0, 20, 3))
+    assert ((latents[True] - latents[False]).norm() / latents[False].norm()).item() < 1e-4
+    # two passes through one patched model: two runs, each with its own history
+    m, config = apply(pack, model, "uniform:3", True, 32, propagation="forecast")
+    once = tm.sample_digits(m, tok, [6], seed=2, steps=12)
+    again = tm.sample_digits(m, tok, [6], seed=2, steps=12)
+    assert torch.equal(once, again) and len(config.reports) == 2, "a run never sees the previous run's features"
