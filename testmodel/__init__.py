@@ -276,6 +276,23 @@ def load_pack(custom_nodes_dir):
     return _LOADED_PACK[0]
 
 
+def tool_session(cpu: bool = True):
+    """What a measuring tool sets up: ComfyUI booted, quiet (logging below warnings, Python warnings and progress
+    bars off; one CPU thread on the CPU) and the pack loaded.  Returns ``load_pack``'s (Apply class, comfy_unet)."""
+    import logging
+    import tempfile
+    import warnings
+    boot_comfy(cpu=cpu)
+    import torch
+    import comfy.utils
+    if cpu:
+        torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    comfy.utils.set_progress_bar_enabled(False)
+    return load_pack(tempfile.mkdtemp())
+
+
 def digits_controlnet(seed: int = 0):
     """A random-weight SD-style ControlNet (comfy.cldm) for the digits UNet, as ComfyUI's CONTROL_NET.
     Its zero-convolutions are random too, so its residuals are strong: good for testing where they go.

@@ -14,12 +14,9 @@ diagnostic), uniform (uniform:K with that many keys), paper (its 9 keys).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
-import tempfile
 import time
-import warnings
 from importlib import import_module
 from pathlib import Path
 
@@ -59,16 +56,10 @@ def main():
     ap.add_argument("--fashion-samples", type=int, default=4)
     ap.add_argument("--models", default="digits,fashion")
     args = ap.parse_args()
-    tm.boot_comfy()
+    _, cu = tm.tool_session()
     import torch
     import comfy.samplers
-    import comfy.utils
     import nodes
-    torch.set_num_threads(1)
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    comfy.utils.set_progress_bar_enabled(False)
-    _, cu = tm.load_pack(tempfile.mkdtemp())
     package = cu.__name__.rsplit(".", 2)[0]
     calibration = import_module(package + ".patches.comfy_calibrate")
     engine = import_module(package + ".fasterdiffusion")

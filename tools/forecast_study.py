@@ -11,13 +11,10 @@ samplers where forecast runs as reuse (fasterdiffusion/samplers.py) are chosen f
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import shlex
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,16 +51,10 @@ def main():
     ap.add_argument("--name", default="", help="table name suffix: docs/quality/forecast_<model><name>.md")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
     args = ap.parse_args()
-    tm.boot_comfy()
+    _, cu = tm.tool_session()
     import torch
     import comfy.sample
     import comfy.samplers
-    import comfy.utils
-    torch.set_num_threads(1)
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    comfy.utils.set_progress_bar_enabled(False)
-    _, cu = tm.load_pack(tempfile.mkdtemp())
     from importlib import import_module
     engine = import_module(cu.__name__.rsplit(".", 2)[0] + ".fasterdiffusion")
     # measure forecast where the pack would fall back to reuse too (ancestral samplers): that policy comes from here

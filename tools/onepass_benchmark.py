@@ -20,12 +20,9 @@ Writes ``onepass.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
-import tempfile
 import time
-import warnings
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
@@ -57,17 +54,11 @@ def main():
                     help="one more one-pass row: a student safetensors (e.g. an earlier checkpoint's export)")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality"))
     args = ap.parse_args()
-    tm.boot_comfy()
+    tm.tool_session()
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    import comfy.utils
     import nodes
-    torch.set_num_threads(1)
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    comfy.utils.set_progress_bar_enabled(False)
-    tm.load_pack(tempfile.mkdtemp())
     qb = quality_module()
     features, real = qb.feature_space()
     teacher, tokens = tm.load_test_model()
