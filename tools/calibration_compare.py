@@ -63,7 +63,7 @@ def main():
     package = cu.__name__.rsplit(".", 2)[0]
     calibration = import_module(package + ".patches.comfy_calibrate")
     engine = import_module(package + ".fasterdiffusion")
-    ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]()
+    ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     budgets = [int(b) for b in args.budgets.split(",")]
     chosen = {name: m for name, m in models(args.fashion_samples, args.digit_samples).items()
               if name in args.models.split(",")}
@@ -86,8 +86,10 @@ def main():
         latent = {"samples": torch.zeros(len(classes), 4, size, size)}
 
         def run(strategy):
-            return decode(ks.sample(model, 1, STEPS, CFG, "euler", "normal", pos, neg, latent, 1.0, strategy,
-                                    True, 0, 0.0, 500.0)[0]["samples"])
+            # reuse: the criteria compared here are the paper's propagation's (forecast: the Calibrate node's
+            # propagation input, tests/test_forecast.py)
+            return decode(ks.execute(model, 1, STEPS, CFG, "euler", "normal", pos, neg, latent, 1.0, strategy,
+                                     True, 0, 0.0, 500.0, propagation="reuse")[0]["samples"])
         reference = run("all")
         for k in budgets:
             plans = {c: engine.choose_keys(m, STEPS, k) for c, m in matrices.items()}
