@@ -4,7 +4,8 @@ A host hooks its UNet call, finds which schedule step the call belongs to, and h
 ``Run.forward`` together with an adapter for its UNet class (``UNetAdapter``) and a thunk that runs the
 host's unchanged forward.  The run decides (``Outcome``) and returns the UNet output:
 
-  FULL         the host's forward, untouched (a key step alone in its group, a bypassed run)
+  FULL         the host's forward, untouched (a key step alone in its group that no forecast needs, a
+               bypassed run)
   OFF_SCHEDULE an evaluation between schedule points (DPM2, SDE midpoints): the host's forward
   KEY          a key step: one encoder pass; its features serve the whole group, and with ``parallel``
                the decoders of every step of the group run now, as one batch (split under the cap)
