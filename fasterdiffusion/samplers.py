@@ -42,15 +42,16 @@ def bypass_reason(sampler_function_name: str) -> str | None:
 
 # Forecast propagation extrapolates the encoder features along the schedule.  Measured (tools/forecast_study.py,
 # docs/quality/forecast_digits_steps.md, image PSNR to the full run on the digits model):
-#  * where the latent gets fresh noise every step (ancestral and SDE samplers) the features do not move smoothly
-#    and forecasting lost to reusing them;
+#  * where the latent gets fresh noise every step (ancestral and SDE samplers, ddpm, SEEDS) the features do not
+#    move smoothly and forecasting lost to reusing them (docs/quality/sampler_survey.md: euler_ancestral 25.5 vs
+#    29.9 dB, ddpm 25.5 vs 29.9, seeds_2 33.4 vs 33.8);
 #  * multistep samplers (which extrapolate from their own past predictions) lost below 20 steps (dpmpp_2m at 12
 #    steps, uniform:3: 13.5 dB forecast vs 20.6 reuse; uni_pc at 15, uniform:2: 14.6 vs 24.4) and won from 20
 #    on (dpmpp_2m 20, uniform:3: 31.0 vs 22.2; uni_pc 20: 24.9 vs 14.7); one-step samplers (euler, ddim, their
 #    cfg_pp forms) won at every step count from 8.
 # Such runs reuse, with one line in their stats.  lms, deis, ipndm, res_multistep and gradient_estimation
 # are multistep by construction and follow the measured ones.
-NOISY_STEPS = ("ancestral", "sde")
+NOISY_STEPS = ("ancestral", "sde", "ddpm", "seeds")
 MULTISTEP = ("dpmpp_2m", "dpmpp_2m_cfg_pp", "unipc", "unipc_bh2", "uni_pc", "uni_pc_bh2", "lms", "deis", "ipndm",
              "ipndm_v", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
              "plms")

@@ -209,6 +209,7 @@ def test_only_key_step_latents_enter_the_forecast():
 
 def test_sampler_fallback_reason():
     assert forecast_off_reason("sample_euler_ancestral", 30) and forecast_off_reason("sample_dpmpp_sde", 20)
+    assert forecast_off_reason("sample_ddpm", 50) and forecast_off_reason("sample_seeds_2", 50)
     assert forecast_off_reason("sample_euler", 50) is None and forecast_off_reason("sample_dpmpp_2m", 20) is None
     assert forecast_off_reason("sample_euler", 8) is None and "multistep" in forecast_off_reason("sample_dpmpp_2m", 19)
     assert "multistep" in forecast_off_reason("sample_unipc", 12) and forecast_off_reason("sample_unipc", 25) is None

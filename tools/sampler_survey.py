@@ -67,8 +67,11 @@ def main():
         acc = {k: float((tm.classify(i) == np.array(digits)).mean()) for k, i in images.items()}
         db = {k: psnr(i, images["plain"]) for k, i in images.items()}
         r = runs["forecast"][1].reports[-1]          # what the pack did with forecast asked for
+        why = r.get("forecast_off") or ""
         status = ("bypassed (full compute)" if r.get("bypassed") else
-                  "forecast" if r.get("propagation", "reuse") != "reuse" else "reuse (" + (r.get("forecast_off") or "")[:60] + ")")
+                  "forecast" if r.get("propagation", "reuse") != "reuse" else
+                  "reuse (fresh noise every step)" if "fresh noise" in why else
+                  "reuse (multistep, under 20 steps)" if "multistep" in why else f"reuse ({why})")
         lines.append(f"| {name} | {acc['plain']:.0%} | {acc['reuse']:.0%} | {db['reuse']:.1f} | {acc['forecast']:.0%} | "
                      f"{db['forecast']:.1f} | {db['forecast always']:.1f} | {status} |")
         print(lines[-1], flush=True)
