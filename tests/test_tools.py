@@ -59,14 +59,15 @@ def test_quality_plot_redraws_from_the_saved_table_with_every_point_labelled(qua
     assert (tmp_path / "quality_vs_cost.png").stat().st_size > 10_000, stdout
     rows = quality.read_rows(tmp_path / "quality.md")
     assert len(rows) >= 25 and rows[0]["name"] == "baseline 50 steps" and rows[0]["psnr"] == float("inf")
-    assert {r["family"] for r in rows} == {"baseline", "FD", "FD+inj", "FD fewer steps", "EasyCache"}
+    assert {r["family"] for r in rows} == {"baseline", "FD", "FD+inj", "FD fewer steps", "EasyCache", "FD forecast",
+                                           "FD forecast fewer steps"}
     assert all(r["gpu"] is not None and r["measured"] is not None for r in rows), "the two time columns"
     fig = quality.plot(rows, tmp_path / "again.png")
     assert len(fig.axes) == 6, "FD and PSNR against FLOPs, composed GPU time and measured time"
     fd_axis, psnr_axis = fig.axes[0], fig.axes[3]
     assert sorted(t.get_text() for t in fd_axis.texts) == sorted(quality.point_label(r["name"]) for r in rows)
     assert len(psnr_axis.texts) == len(rows) - 1, "every point but the reference itself (PSNR infinite)"
-    assert "u:3" in [t.get_text() for t in psnr_axis.texts]
+    assert {"u:3", "fc u:3", "fc cal 9", "fc 25 steps + u:2"} <= {t.get_text() for t in psnr_axis.texts}
     assert len({quality.point_label(r["name"]) for r in rows}) == len(rows), "labels tell the points apart"
 
 
