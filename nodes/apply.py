@@ -35,7 +35,7 @@ def propagation_input(tooltip=None):
     """Optional and last, so that workflows saved without it load with the default."""
     return Choice("propagation", options=list(PROPAGATIONS), default="forecast", optional=True, tooltip=tooltip or
             "What the decoder gets at the steps that skip the encoder. 'forecast': the encoder features "
-            "extrapolated from the last two key steps (same cost, much closer to the full run: +8-12 dB on the "
+            "extrapolated from the last two key steps (same cost, much closer to the full run: +5-12 dB on the "
             "test models at equal speed); 'reuse': the last key step's features unchanged (the paper's). Ancestral "
             "and SDE samplers reuse either way (forecasting measured worse there; the stats say so).")
 
