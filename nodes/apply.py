@@ -37,7 +37,8 @@ def propagation_input(tooltip=None):
             "What the decoder gets at the steps that skip the encoder. 'forecast': the encoder features "
             "extrapolated from the last two key steps (same cost, much closer to the full run: +5-12 dB on the "
             "test models at equal speed); 'reuse': the last key step's features unchanged (the paper's). Ancestral "
-            "and SDE samplers reuse either way (forecasting measured worse there; the stats say so).")
+            "and SDE samplers, multistep samplers below 20 steps and SelfAttentionGuidance reuse either way "
+            "(forecasting measured worse there; the stats say so).")
 
 
 def strategy_inputs():
