@@ -134,6 +134,13 @@ def _plans_by_count_pairs(cost, n: int, k_max: int) -> dict[int, list[int]]:
     return plans
 
 
+def _key_pairs(n: int):
+    """(p, a): every key a with the key p before it (-1 for key 0, which has none) that a plan of n steps can have."""
+    for a in range(n):
+        for p in ([-1] if a == 0 else range(a)):
+            yield p, a
+
+
 def _ratio(j: int, a: int, p: int, clamp) -> float:
     """How many key spacings (a - p) step j lies past key a, held at ``clamp`` (forecast.Forecast.clamp)."""
     r = (j - a) / (a - p)
@@ -150,20 +157,18 @@ def forecast_costs(changes: dict, n: int, clamp=DEFAULT_CLAMP):
     (key 0, p = -1) reuses; pairs that cannot follow each other cost infinity."""
     import numpy as np
     cost = np.full((n + 1, n, n + 1), np.inf)
-    for a in range(n):
-        for p in ([-1] if a == 0 else range(a)):
-            cost[p + 1, a, a + 1:] = 0.0
+    for p, a in _key_pairs(n):
+        cost[p + 1, a, a + 1:] = 0.0
     for chunk in changes.values():
-        for a in range(n):
-            for p in ([-1] if a == 0 else range(a)):
-                acc = 0.0
-                for j in range(a + 1, n):
-                    c = chunk[(a, j)]
-                    if p >= 0:
-                        r = _ratio(j, a, p, clamp)
-                        c = (1 + r) * c - r * chunk[(p, j)]
-                    acc = acc + c
-                    cost[p + 1, a, j + 1] += float((acc ** 2).sum())
+        for p, a in _key_pairs(n):
+            acc = 0.0
+            for j in range(a + 1, n):
+                c = chunk[(a, j)]
+                if p >= 0:
+                    r = _ratio(j, a, p, clamp)
+                    c = (1 + r) * c - r * chunk[(p, j)]
+                acc = acc + c
+                cost[p + 1, a, j + 1] += float((acc ** 2).sum())
     return cost
 
 
@@ -175,15 +180,14 @@ def forecast_drift_costs(per_step: list, n: int, clamp=DEFAULT_CLAMP):
     flat = [np.stack([per_step[i][t].double().flatten().numpy() for i in range(n)]) for t in range(len(per_step[0]))]
     grams = [f @ f.T for f in flat]
     cost = np.full((n + 1, n, n + 1), np.inf)
-    for a in range(n):
-        for p in ([-1] if a == 0 else range(a)):
-            acc = 0.0
-            cost[p + 1, a, a + 1] = 0.0
-            for j in range(a + 1, n):
-                r = 0.0 if p < 0 else _ratio(j, a, p, clamp)
-                q = p if p >= 0 else a
-                err = sum(((1 + r) ** 2 * G[a, a] + r * r * G[q, q] + G[j, j] - 2 * r * (1 + r) * G[a, q]
-                           - 2 * (1 + r) * G[a, j] + 2 * r * G[q, j]) / (G[j, j] + 1e-12) for G in grams) / len(grams)
-                acc += max(err, 0.0)
-                cost[p + 1, a, j + 1] = acc
+    for p, a in _key_pairs(n):
+        acc = 0.0
+        cost[p + 1, a, a + 1] = 0.0
+        for j in range(a + 1, n):
+            r = 0.0 if p < 0 else _ratio(j, a, p, clamp)
+            q = p if p >= 0 else a
+            err = sum(((1 + r) ** 2 * G[a, a] + r * r * G[q, q] + G[j, j] - 2 * r * (1 + r) * G[a, q]
+                       - 2 * (1 + r) * G[a, j] + 2 * r * G[q, j]) / (G[j, j] + 1e-12) for G in grams) / len(grams)
+            acc += max(err, 0.0)
+            cost[p + 1, a, j + 1] = acc
     return cost

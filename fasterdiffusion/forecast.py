@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 PROPAGATIONS = ("forecast", "reuse")
+DEFAULT_PROPAGATION = "forecast"      # what every surface (nodes, A1111/Forge, diffusers) defaults to
 VARIABLES = ("step", "timestep", "log_sigma")
 PARTS = ("both", "skips", "mid")
 
@@ -50,13 +51,13 @@ REUSE = Forecast(order=0)
 DEFAULT_CLAMP = 1.0
 
 
-def forecast_settings(propagation, order: int = 1) -> Forecast:
+def forecast_settings(propagation) -> Forecast:
     """The ``Forecast`` a user-facing ``propagation`` name stands for (a ``Forecast`` stands for itself)."""
     if isinstance(propagation, Forecast):
         return propagation
     if propagation not in PROPAGATIONS:
         raise ValueError(f"FasterDiffusion: propagation must be one of {', '.join(PROPAGATIONS)}, not {propagation!r}")
-    return REUSE if propagation == "reuse" else Forecast(order=order, clamp=DEFAULT_CLAMP)
+    return REUSE if propagation == "reuse" else Forecast(order=1, clamp=DEFAULT_CLAMP)
 
 
 def weights(us: list[float], u: float) -> list[float]:
@@ -90,7 +91,7 @@ def extrapolate_steps(f: Forecast, history: list, steps: list, timesteps=None, s
     """``extrapolate`` for each of ``steps``, stacked step-major on the batch dim (what one batched decoder
     call of those steps needs); the differences to the newest key are taken once for all of them."""
     newest = history[-1][1]
-    keys = _keys_used(f, history, timesteps, sigmas)
+    keys = None if f.order == 0 else _keys_used(f, history, timesteps, sigmas)
     if keys is None:
         return newest.tile(len(steps))
     used, us = keys
@@ -122,7 +123,7 @@ def extrapolate_steps(f: Forecast, history: list, steps: list, timesteps=None, s
 
 def _keys_used(f: Forecast, history: list, timesteps, sigmas):
     """(the keys a forecast fits, their values of the variable), or None where it has nothing to add."""
-    used = history[-(f.order + 1):] if f.order > 0 else history[-1:]
+    used = history[-(f.order + 1):]
     # only keys whose features have the newest's shapes (a patch such as deep shrink changes them over the run)
     shapes = _shapes(history[-1][1])
     while len(used) > 1 and _shapes(used[0][1]) != shapes:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
-from .forecast import REUSE, Forecast, extrapolate, extrapolate_steps
+from .forecast import REUSE, Forecast, extrapolate_steps
 from .schedule import match_step
 from .strategy import Plan, Strategy, make_plan
 
@@ -165,7 +165,7 @@ class Run:
             self.stats.forecast_off = forecast_off
         if self.forecast.order > 0:
             self.stats.propagation = f"forecast (order {self.forecast.order})"
-        self.features: dict = {}      # call slot -> (group, Features)
+        self.groups: dict = {}        # call slot -> the group its newest key features (history[slot][-1]) serve
         self.history: dict = {}       # call slot -> [(key step, Features)], oldest first: its last key steps
         self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
         self._seen: dict = {}         # call slot -> calls so far in the current sampler evaluation
@@ -208,8 +208,7 @@ class Run:
         group = self.plan.group_of(step)
         if step == group[0]:
             return Outcome.KEY if len(group) > 1 or self._forecast_needs(step) else Outcome.FULL
-        cached = self.features.get(slot)
-        if cached is None or cached[0] != group:
+        if self.groups.get(slot) != group:
             return Outcome.NO_FEATURES
         return Outcome.SERVED if (slot, step) in self.outputs else Outcome.DECODE
 
@@ -235,13 +234,12 @@ class Run:
                 return self.outputs[(slot, step)]
             # a ControlNet became active inside a batched group: this step needs its own residuals
             self._parallel_off("ControlNet residuals change every step: its steps' decoders ran one at a time")
-        return adapter.decode(call, self.features_at(slot, step), adapter.embed(call))
+        return adapter.decode(call, self.features_at(slot, [step]), adapter.embed(call))
 
-    def features_at(self, slot, step: int) -> Features:
-        """What the decoder of non-key ``step`` gets: the group's key features, or their forecast."""
-        if self.forecast.order == 0:
-            return self.features[slot][1]
-        return extrapolate(self.forecast, self.history[slot], step, self.timesteps, self.sigmas)
+    def features_at(self, slot, steps) -> Features:
+        """What the decoders of ``steps`` of the slot's current group get, stacked step-major: the group's key
+        features (reuse), or their forecast (the key step's own weights are all 0: its fresh features)."""
+        return extrapolate_steps(self.forecast, self.history[slot], list(steps), self.timesteps, self.sigmas)
 
     def _forecast_needs(self, key: int) -> bool:
         """Whether a key step alone in its group must keep its features: a later group forecasts from them.
@@ -259,7 +257,7 @@ class Run:
         self.stats.encoder_calls += 1
         emb = adapter.embed(call)
         feats = adapter.encode(call, emb)
-        self.features[slot] = (group, feats)
+        self.groups[slot] = group
         self._remember(slot, step, feats)
         for k in [k for k in self.outputs if k[0] == slot]:
             del self.outputs[k]
@@ -268,12 +266,8 @@ class Run:
                 self._parallel_off("ControlNet residuals change every step: decoders ran one step at a time")
             self.stats.decoder_batches.append(1)
             return adapter.decode(call, feats, emb)
-        if self.forecast.order == 0:
-            per_call = feats
-        else:               # the key step's own row gets its fresh features: its forecast weights are all 0
-            per_call = lambda start, n: extrapolate_steps(self.forecast, self.history[slot], list(group[start:start + n]),
-                                                          self.timesteps, self.sigmas)
-        outs, widths = decode_steps(adapter, call, per_call, self.rows_for(call, group), self.config.max_decoder_batch)
+        outs, widths = decode_steps(adapter, call, lambda start, n: self.features_at(slot, group[start:start + n]),
+                                    self.rows_for(call, group), self.config.max_decoder_batch)
         self.stats.decoder_batches.extend(widths)
         for s, out in zip(group[1:], outs[1:]):
             self.outputs[(slot, s)] = out
@@ -294,11 +288,15 @@ class Run:
 
     # ------------------------------------------------------------------------------ the end
 
-    def finish(self) -> dict:
-        """Drop the caches and return the run's stats."""
-        self.features.clear()
+    def drop_caches(self):
+        """Forget every kept feature and precomputed output (the run's end, or a host that stops serving it)."""
+        self.groups.clear()
         self.history.clear()
         self.outputs.clear()
+
+    def finish(self) -> dict:
+        """Drop the caches and return the run's stats."""
+        self.drop_caches()
         self.stats.seconds = round(time.perf_counter() - self._t0, 3)
         return self.stats.as_dict()
 

@@ -310,8 +310,7 @@ class UNetHook:
             log.warning("FasterDiffusion: %s", reason)
             run.bypass = reason
             run.stats.bypassed = reason
-            run.features.clear()
-            run.outputs.clear()
+            run.drop_caches()
 
     # --------------------------------------------------------------------------- block wrappers
     def _active(self):

@@ -137,7 +137,7 @@ def test_every_call_is_served_by_its_own_slot_and_group(n, strategy, rows, split
         keys_with_groups = sum(len(grp) > 1 for grp in run.plan.groups)
         assert stats["encoder_calls"] == keys_with_groups * len(slots)
         assert sum(stats["decoder_batches"]) == sum(len(grp) for grp in run.plan.groups if len(grp) > 1) * len(slots)
-    assert not run.features and not run.outputs, "finish drops the caches"
+    assert not run.groups and not run.history and not run.outputs, "finish drops the caches"
 
 
 def test_outcomes_of_one_group():
