@@ -49,7 +49,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2
 from diffusers.utils import USE_PEFT_BACKEND
 
 from .runtime import Features, ModelCall, Run, RunConfig, format_report, repeat_rows as _rows
-from .forecast import forecast_settings
+from .forecast import DEFAULT_PROPAGATION, forecast_settings
 from .samplers import bypass_reason, forecast_off_reason
 from .strategy import Strategy, parse_strategy
 
@@ -118,15 +118,11 @@ def scheduler_forecast_off_reason(scheduler, steps: int) -> str | None:
     """The forecast policy (fasterdiffusion.samplers) for diffusers' schedulers: those that add fresh noise every
     step (ancestral Euler, SDE solvers, DDPM) reuse features."""
     name = type(scheduler).__name__
-    if name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
-        return forecast_off_reason("euler_ancestral", steps).replace("euler_ancestral", name)
-    if name in ("DPMSolverSDEScheduler", "DDPMScheduler"):
-        return forecast_off_reason("sde", steps).replace("sde", name, 1)
-    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler", "PNDMScheduler",
-                "DEISMultistepScheduler"):
-        reason = forecast_off_reason("dpmpp_2m", steps)
-        return reason and reason.replace("dpmpp_2m", name, 1)
-    return None
+    kind = ("euler_ancestral" if name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler") else
+            "sde" if name in ("DPMSolverSDEScheduler", "DDPMScheduler") else
+            "dpmpp_2m" if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler",
+                                   "PNDMScheduler", "DEISMultistepScheduler") else None)
+    return kind and forecast_off_reason(kind, steps, shown_as=name)
 
 
 def unsupported_call_reason(a: dict) -> str | None:
@@ -577,7 +573,7 @@ def _owning_subclass_of(pipe):
 
 
 def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
-          propagation: str = "forecast"):
+          propagation: str = DEFAULT_PROPAGATION):
     """Patch ``pipe`` (a Stable Diffusion / SDXL / ControlNet pipeline, text-to-image or img2img) in place
     with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
     ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;

@@ -58,12 +58,14 @@ MULTISTEP = ("dpmpp_2m", "dpmpp_2m_cfg_pp", "unipc", "unipc_bh2", "uni_pc", "uni
 MULTISTEP_FORECAST_MIN_STEPS = 20
 
 
-def forecast_off_reason(sampler_function_name: str, steps: int) -> str | None:
-    """Why forecast propagation runs as reuse for this sampler and step count, or None."""
+def forecast_off_reason(sampler_function_name: str, steps: int, shown_as: str | None = None) -> str | None:
+    """Why forecast propagation runs as reuse for this sampler and step count, or None.  ``shown_as``: the
+    name the reason gives (a host's own, e.g. a diffusers scheduler standing for a k-diffusion sampler)."""
     name = sampler_function_name.removeprefix("sample_")
+    shown = shown_as or name
     if any(part in name for part in NOISY_STEPS):
-        return f"{name} adds fresh noise every step, where forecasting measured worse: features were reused"
+        return f"{shown} adds fresh noise every step, where forecasting measured worse: features were reused"
     if name in MULTISTEP and steps < MULTISTEP_FORECAST_MIN_STEPS:
-        return (f"{name} is a multistep sampler, and below {MULTISTEP_FORECAST_MIN_STEPS} steps forecasting measured "
+        return (f"{shown} is a multistep sampler, and below {MULTISTEP_FORECAST_MIN_STEPS} steps forecasting measured "
                 f"worse with it: features were reused")
     return None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..fasterdiffusion import StrategyError, parse_strategy
-from ..fasterdiffusion.forecast import PROPAGATIONS
+from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION, PROPAGATIONS
 from ..patches.comfy_unet import apply_faster_diffusion
 from .comfy_v3 import Choice, io, node_id
 
@@ -33,7 +33,7 @@ def controlnet_reuse_input():
 
 def propagation_input(tooltip=None):
     """Optional and last, so that workflows saved without it load with the default."""
-    return Choice("propagation", options=list(PROPAGATIONS), default="forecast", optional=True, tooltip=tooltip or
+    return Choice("propagation", options=list(PROPAGATIONS), default=DEFAULT_PROPAGATION, optional=True, tooltip=tooltip or
             "What the decoder gets at the steps that skip the encoder. 'forecast': the encoder features "
             "extrapolated from the last two key steps (same cost, much closer to the full run: +5-12 dB on the "
             "test models at equal speed); 'reuse': the last key step's features unchanged (the paper's). Ancestral "
@@ -87,7 +87,7 @@ class FasterDiffusionApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32,
-                controlnet_reuse=True, propagation="forecast") -> io.NodeOutput:
+                controlnet_reuse=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
         patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, node_id(cls),
                                             controlnet_reuse, propagation)
         return io.NodeOutput(patched)

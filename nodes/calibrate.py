@@ -13,6 +13,7 @@ from ..fasterdiffusion import (choose_keys, keys_for_cost, keys_for_gpu_time, ma
 from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
 from ..patches.comfy_calibrate import recording_model
 from ..patches.comfy_unet import show_on_node
+from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
 from .apply import CATEGORY, propagation_input
 from .comfy_v3 import Choice, io, node_id
 
@@ -109,7 +110,7 @@ class FasterDiffusionCalibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_steps,
                 target_cost=0.0, criterion=CRITERIA[0], budget_mode="keys", gpu_time_fraction=0.5,
-                propagation="forecast") -> io.NodeOutput:
+                propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
         if problem := sampler_problem(sampler_name):
             raise ValueError(problem)
         if criterion not in CRITERIA or budget_mode not in BUDGET_MODES:

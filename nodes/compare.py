@@ -14,6 +14,7 @@ from ..fasterdiffusion import parse_strategy
 from ..fasterdiffusion.compare import Comparison, equal_time_steps, psnr, report
 from ..fasterdiffusion.runtime import format_report
 from ..patches.comfy_unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
+from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
 from .apply import CATEGORY, propagation_input, strategy_inputs, validate_strategy
 from .comfy_v3 import Choice, io, node_id
 
@@ -97,7 +98,7 @@ class FasterDiffusionCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler,
-                strategy, parallel, max_decoder_batch, compare_fewer_steps=True, propagation="forecast") -> io.NodeOutput:
+                strategy, parallel, max_decoder_batch, compare_fewer_steps=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
         plain = without_faster_diffusion(model)
         if plain is not model:
             log.info("FasterDiffusion Compare: the input model has FasterDiffusion applied; the plain runs use it "

@@ -7,6 +7,7 @@ import comfy.utils
 import latent_preview
 
 from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
+from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
 from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
 from ..patches.comfy_unet import FasterDiffusionConfig
 from .apply import CATEGORY, controlnet_reuse_input, propagation_input, strategy_inputs, validate_strategy
@@ -36,7 +37,7 @@ def sampler_input():
 
 
 def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node,
-                 controlnet_reuse=True, propagation="forecast"):
+                 controlnet_reuse=True, propagation=DEFAULT_PROPAGATION):
     config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node, controlnet_reuse,
                                    propagation)
     return KSamplerWithFasterDiffusion(sampler_name, config, InjectionSettings(injection_alpha, injection_threshold))
@@ -64,7 +65,7 @@ class FasterDiffusionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
-                injection_threshold, controlnet_reuse=True, propagation="forecast") -> io.NodeOutput:
+                injection_threshold, controlnet_reuse=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
         return io.NodeOutput(make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
                                           injection_threshold, node_id(cls), controlnet_reuse, propagation))
 
@@ -109,7 +110,7 @@ class FasterDiffusionKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold,
-                controlnet_reuse=True, propagation="forecast") -> io.NodeOutput:
+                controlnet_reuse=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
         sampler = make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha,
                                injection_threshold, node_id(cls), controlnet_reuse, propagation)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])

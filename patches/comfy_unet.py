@@ -19,7 +19,7 @@ import logging
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..fasterdiffusion.forecast import forecast_settings
+from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION, forecast_settings
 from ..fasterdiffusion.runtime import Run, RunConfig, format_report
 from ..fasterdiffusion.samplers import bypass_reason, forecast_off_reason
 from ..fasterdiffusion.strategy import Strategy
@@ -37,9 +37,8 @@ class FasterDiffusionConfig:
     finished run (read by tests and the UI)."""
 
     def __init__(self, strategy: Strategy, parallel: bool = True, max_decoder_batch: int = 32, node_id=None,
-                 controlnet_reuse: bool = True, propagation: str = "forecast"):
+                 controlnet_reuse: bool = True, propagation: str = DEFAULT_PROPAGATION):
         self.run_config = RunConfig(strategy, parallel, max_decoder_batch, forecast_settings(propagation))
-        self.propagation = propagation
         self.node_id = node_id
         self.controlnet_reuse = controlnet_reuse
         self.reports: list[dict] = []
@@ -215,7 +214,7 @@ def without_faster_diffusion(model):
 
 
 def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder_batch=32, node_id=None,
-                           controlnet_reuse=True, propagation="forecast"):
+                           controlnet_reuse=True, propagation=DEFAULT_PROPAGATION):
     """A clone of ``model`` with encoder propagation hooked in (or the model itself, with a log line,
     if it cannot be served)."""
     reason = unsupported_reason(model)

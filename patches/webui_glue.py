@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fasterdiffusion.forecast import PROPAGATIONS, forecast_settings
+from fasterdiffusion.forecast import DEFAULT_PROPAGATION, PROPAGATIONS, forecast_settings
 from fasterdiffusion.injection import DEFAULT_THRESHOLD, Injector
 from fasterdiffusion.runtime import Run, RunConfig, format_report
 from fasterdiffusion.samplers import STATE_PASSING, bypass_reason, forecast_off_reason
@@ -40,7 +40,7 @@ KEY_MAX_BATCH = "FD max batch"
 KEY_ALPHA = "FD injection"
 KEY_PROPAGATION = "FD propagation"   # always written when enabled: infotexts without it predate forecast (reuse)
 KEY_STATS = "FD stats"          # written after sampling, never read back
-DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0, propagation="forecast")
+DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0, propagation=DEFAULT_PROPAGATION)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Settings:
     parallel: bool = True
     max_batch: int = 32
     alpha: float = 0.0
-    propagation: str = "forecast"
+    propagation: str = DEFAULT_PROPAGATION
 
     @property
     def run_config(self) -> RunConfig:

@@ -188,7 +188,7 @@ def main():
 
     STEPS, SAMPLER = args.steps, args.sampler
     main_grid = (SAMPLER, STEPS) == ("euler", 50)      # the first tables' extra rows: drift, late-dense, injection
-    forecast = engine_module(package, "forecast")
+    forecast = import_module(package + ".fasterdiffusion.forecast")
 
     def plain(steps, m=model):
         return lambda labels, seed, cap=0: sample(m, comfy.samplers.sampler_object(SAMPLER), steps, labels, seed)
@@ -312,11 +312,6 @@ def main():
 def table_name(model: str, sampler: str, steps: int) -> str:
     base = TABLE_NAME[model]
     return base if (sampler, steps) == ("euler", DEFAULT_STEPS) else f"{base}_{sampler}_{steps}"
-
-
-def engine_module(package: str, name: str):
-    from importlib import import_module
-    return import_module(f"{package}.fasterdiffusion.{name}")
 
 
 def family(name):
