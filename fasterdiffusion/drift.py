@@ -48,7 +48,7 @@ class DriftRecorder:
         self.steps: dict[int, dict[tuple, list[torch.Tensor]]] = {}
         self.encoder_share = None     # encoder+middle share of the UNet's FLOPs, set by measure_share
         self.stale_outputs = stale_outputs
-        self.max_rows = 64            # most rows in one batched stale decoder call
+        self.max_decoder_batch = 64            # most rows in one batched stale decoder call
         self.step_weights = step_weights or [1.0] * num_steps   # output error -> latent error, per step
         self.kept: dict[int, dict[tuple, Features]] = {}        # full features, only with stale_outputs
         self.errors: dict[int, dict[tuple, dict[int, float]]] = {}   # step j -> chunk -> {a: |w_j (out_a - out_j)|^2}
@@ -150,9 +150,9 @@ class DriftRecorder:
         """The decoder of this call on each of ``old``: batched like parallel decoders, one at a time when the
         call carries decoder-side control (each run needs its own residuals)."""
         call = again()
-        if adapter.has_decoder_control(call):
+        if adapter.own_step_reason(call):
             return [adapter.decode(again(), f, adapter.embed(call)) for f in old]
-        per_call = max(1, self.max_rows // call.rows)
+        per_call = max(1, self.max_decoder_batch // call.rows)
         outs = []
         for i in range(0, len(old), per_call):
             part = old[i:i + per_call]

@@ -129,7 +129,7 @@ def alphas_at(alphas_cumprod, timesteps) -> list[float]:
 
 
 def one_pass(adapter: UNetAdapter, call: ModelCall, timesteps: Sequence[int], alphas_cumprod,
-             final_alpha_cumprod: float, max_rows: int = 32, prediction: str = "eps",
+             final_alpha_cumprod: float, max_decoder_batch: int = 32, prediction: str = "eps",
              sigmas: Sequence[float] | None = None) -> OnePassResult:
     """Loop-free K-step DDIM through ``adapter``.
 
@@ -137,7 +137,7 @@ def one_pass(adapter: UNetAdapter, call: ModelCall, timesteps: Sequence[int], al
     space), ``call.timesteps`` the first timestep per row (it is checked against ``timesteps[0]``),
     ``call.context``/``call.host`` the conditioning.  ``timesteps``: the K DDIM timesteps, noisiest first
     (``ddim_timesteps``); ``alphas_cumprod``: the schedule's alpha-bar per train timestep;
-    ``final_alpha_cumprod``: where the last update lands; ``max_rows``: most rows in one decoder call
+    ``final_alpha_cumprod``: where the last update lands; ``max_decoder_batch``: most rows in one decoder call
     (0 = no cap; the K steps are split into several calls with identical results); ``sigmas``: the host's
     sigma for each timestep, or None for hosts that do not track them.
     """
@@ -161,7 +161,7 @@ def one_pass(adapter: UNetAdapter, call: ModelCall, timesteps: Sequence[int], al
         if call.sigmas is not None and sigmas is not None:
             sig = call.sigmas if i == 0 else torch.full_like(call.sigmas, float(sigmas[i]))
         rows.append((ts, sig))
-    outs, widths = decode_steps(adapter, call, feats, rows, max_rows)
+    outs, widths = decode_steps(adapter, call, feats, rows, max_decoder_batch)
     return OnePassResult(combine(latent_part(call.x, outs[0]), outs, s, e), list(outs), timesteps, (s, e), widths)
 
 

@@ -24,15 +24,19 @@ imports a host.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
-from .forecast import REUSE, Forecast, extrapolate_steps
+from .forecast import REUSE, extrapolate_steps
 from .schedule import match_step
-from .strategy import Plan, Strategy, make_plan
+from .settings import Settings
+from .strategy import Plan, make_plan
+
+log = logging.getLogger("FasterDiffusion")
 
 
 class Outcome(enum.Enum):
@@ -101,17 +105,10 @@ class UNetAdapter(Protocol):
         """A decoder-only call for ``n`` steps' rows stacked step-major: conditioning repeated ``n`` times,
         per-row ``timesteps``/``sigmas`` as given, ``x`` None, no ControlNet residuals."""
 
-    def has_decoder_control(self, call: ModelCall) -> bool:
-        """Whether this call carries residuals for the decoder side (ControlNet middle/output)."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A node's (or API caller's) settings; immutable, shared by every run made from them."""
-    strategy: Strategy
-    parallel: bool = True
-    max_decoder_batch: int = 32      # most rows in one batched decoder call; 0 = no cap
-    forecast: Forecast = REUSE       # what non-key decoders get: REUSE (the paper's) or a forecast
+    def own_step_reason(self, call: ModelCall) -> str | None:
+        """Why this call's decoder must run on the step's own call, never batched with other steps (it carries
+        residuals of its own step for the decoder side, ControlNet middle/output; or a patch there reads the
+        latent), or None."""
 
 
 @dataclass
@@ -141,27 +138,32 @@ class RunStats:
 
 
 class Run:
-    """Everything one sampling run caches: made fresh per run, dropped by ``finish``.
+    """Everything one sampling run caches: made fresh per run, dropped by ``finish``; every host's lifecycle is
+    ``Run(...)`` (which warns once about strategy steps past the run's end), the sampler with ``RunModel`` and the
+    UNet hook, then ``close`` (stats kept, said in one line).
 
     ``sigmas``: the run's schedule (steps + 1 entries, the last usually 0), used to place a call on its
     step and for per-row bookkeeping of batched calls; ``timesteps``: the model timestep of each step.
     ``bypass``: why this run must compute every call in full (an unserved sampler or model), or None.
     """
 
-    def __init__(self, config: RunConfig, sigmas: Sequence[float], timesteps, bypass: str | None = None,
+    def __init__(self, settings: Settings, sigmas: Sequence[float], timesteps, bypass: str | None = None,
                  forecast_off: str | None = None):
-        self.config = config
+        self.settings = settings
         self.sigmas = [float(s) for s in sigmas]
         if not self.sigmas:
             raise ValueError("FasterDiffusion: a sampling run needs a schedule of at least one sigma")
-        self.plan: Plan = make_plan(config.strategy, len(self.sigmas) - 1)
+        self.plan: Plan = make_plan(settings.strategy, len(self.sigmas) - 1)
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float32).flatten()
         self.bypass = bypass
-        self.stats = RunStats(self.plan.num_steps, self.plan.strategy, list(self.plan.keys), config.parallel,
+        self.stats = RunStats(self.plan.num_steps, self.plan.strategy, list(self.plan.keys), settings.parallel,
                               ignored_steps=list(self.plan.ignored), bypassed=bypass)
+        if self.plan.ignored:
+            log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
+                        self.plan.strategy, list(self.plan.ignored), self.plan.num_steps)
         # ``forecast_off``: why this run's sampler or schedule is one where forecasting hurts (measured)
-        self.forecast = REUSE if forecast_off else config.forecast
-        if config.forecast.order > 0:
+        self.forecast = REUSE if forecast_off else settings.forecast
+        if settings.forecast.order > 0:
             self.stats.forecast_off = forecast_off
         if self.forecast.order > 0:
             self.stats.propagation = f"forecast (order {self.forecast.order})"
@@ -230,10 +232,11 @@ class Run:
             return self._key_step(adapter, call, step, slot)
         s.cached_calls += 1
         if outcome is Outcome.SERVED:
-            if not adapter.has_decoder_control(call):
+            reason = adapter.own_step_reason(call)
+            if reason is None:
                 return self.outputs[(slot, step)]
-            # a ControlNet became active inside a batched group: this step needs its own residuals
-            self._parallel_off("ControlNet residuals change every step: its steps' decoders ran one at a time")
+            # e.g. a ControlNet became active inside a batched group: this step needs its own residuals
+            self._parallel_off(f"{reason}: its steps' decoders ran one at a time")
         return adapter.decode(call, self.features_at(slot, [step]), adapter.embed(call))
 
     def features_at(self, slot, steps) -> Features:
@@ -261,13 +264,14 @@ class Run:
         self._remember(slot, step, feats)
         for k in [k for k in self.outputs if k[0] == slot]:
             del self.outputs[k]
-        if not self.config.parallel or len(group) == 1 or adapter.has_decoder_control(call):
-            if self.config.parallel and len(group) > 1:
-                self._parallel_off("ControlNet residuals change every step: decoders ran one step at a time")
+        own_step = adapter.own_step_reason(call) if self.settings.parallel and len(group) > 1 else None
+        if not self.settings.parallel or len(group) == 1 or own_step:
+            if own_step:
+                self._parallel_off(f"{own_step}: decoders ran one step at a time")
             self.stats.decoder_batches.append(1)
             return adapter.decode(call, feats, emb)
         outs, widths = decode_steps(adapter, call, lambda start, n: self.features_at(slot, group[start:start + n]),
-                                    self.rows_for(call, group), self.config.max_decoder_batch)
+                                    self.rows_for(call, group), self.settings.max_decoder_batch)
         self.stats.decoder_batches.extend(widths)
         for s, out in zip(group[1:], outs[1:]):
             self.outputs[(slot, s)] = out
@@ -300,15 +304,53 @@ class Run:
         self.stats.seconds = round(time.perf_counter() - self._t0, 3)
         return self.stats.as_dict()
 
+    def close(self, reports: list, say: Callable[[str, bool], None] | None = None) -> dict:
+        """The end of a run on every host: ``finish``, the stats kept in ``reports`` and said in one line (``say(text,
+        warn)``, a warning where the run was bypassed; the log by default).  Returns the stats."""
+        report = self.finish()
+        reports.append(report)
+        (say or log_line)(format_report(report), bool(report.get("bypassed")))
+        return report
 
-def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_rows: int):
+    def count_full_call(self):
+        """A call the host ran in full without asking (a bypassed run's, counted outside the UNet)."""
+        self.stats.full_calls += 1
+
+
+def log_line(text: str, warn: bool):
+    (log.warning if warn else log.info)(text)
+
+
+class RunModel:
+    """The k-diffusion model function of one run, on every k-diffusion host (ComfyUI's sampler nodes, A1111's and
+    Forge's CFGDenoiser): marks where each sampler evaluation starts, tells ``on_step`` which schedule step it is
+    on (None between schedule points), and injects prior noise into the sampler's own latent after each call
+    (``injector``); every other attribute (``inner_model`` and so on, which samplers read) passes through."""
+
+    def __init__(self, model, run: Run, injector=None, on_step: Callable[[int | None], None] | None = None):
+        self._model, self._run, self._injector, self._on_step = model, run, injector, on_step
+
+    def __call__(self, x, sigma, *args, **kwargs):
+        self._run.begin_evaluation()
+        if self._on_step is not None:
+            self._on_step(self._run.step_of(float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)))
+        out = self._model(x, sigma, *args, **kwargs)
+        if self._injector is None:
+            return out
+        return self._injector.after_call(x, sigma if isinstance(sigma, torch.Tensor) else torch.tensor([sigma]), out)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_decoder_batch: int):
     """Decoder outputs of several steps on one set of features (``Features``) or on each step's own
     (``feats(start, n)`` gives entries start..start+n-1 of ``rows`` stacked), in as few batched calls as
-    ``max_rows`` (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching
+    ``max_decoder_batch`` (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching
     is exact."""
     stacked = feats if callable(feats) else (lambda start, n: feats.tile(n))
     b = call.rows
-    per_call = len(rows) if max_rows <= 0 else max(1, max_rows // b)
+    per_call = len(rows) if max_decoder_batch <= 0 else max(1, max_decoder_batch // b)
     outs, widths = [], []
     for start in range(0, len(rows), per_call):
         chunk = rows[start:start + per_call]

@@ -2,7 +2,9 @@
 ComfyUI, A1111, Forge).  Names are k-diffusion's ``sample_*`` function names without the prefix.
 
 Found by sampling the digits test model with every stock sampler (tools/sampler_survey.py): the rest keep
-their digit accuracy within 10 points under the paper strategy; the bypassed ones fell 20-70 points.
+their digit accuracy within 10 points under the paper strategy; the bypassed ones fell 20-70 points.  ComfyUI
+0.33's exp_heun_2_x0 (deterministic) and exp_heun_2_x0_sde (SEEDS-2 with r=1) kept 100 % under ``uniform:2``
+(docs/quality/sampler_survey_comfyui_0.33.md): served; the _sde one reuses features like every noisy sampler.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..fasterdiffusion import StrategyError, parse_strategy
 from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION, PROPAGATIONS
-from ..patches.comfy_unet import apply_faster_diffusion
+from ..fasterdiffusion.settings import Settings
+from ..patches.comfy.unet import apply_faster_diffusion
 from .comfy_v3 import Choice, io, node_id
 
 CATEGORY = "sampling/faster_diffusion"
@@ -88,6 +89,6 @@ class FasterDiffusionApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32,
                 controlnet_reuse=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
-        patched, _ = apply_faster_diffusion(model, parse_strategy(strategy), parallel, max_decoder_batch, node_id(cls),
-                                            controlnet_reuse, propagation)
+        settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse)
+        patched, _ = apply_faster_diffusion(model, settings, node_id(cls))
         return io.NodeOutput(patched)

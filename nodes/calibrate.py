@@ -11,8 +11,8 @@ import latent_preview
 from ..fasterdiffusion import (choose_keys, keys_for_cost, keys_for_gpu_time, make_plan, plan_drift,
                                predicted_gpu_fraction)
 from ..fasterdiffusion.samplers import OFF_SCHEDULE_ONLY
-from ..patches.comfy_calibrate import recording_model
-from ..patches.comfy_unet import show_on_node
+from ..patches.comfy.calibrate import recording_model
+from ..patches.comfy.unet import show_on_node
 from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
 from .apply import CATEGORY, propagation_input
 from .comfy_v3 import Choice, io, node_id

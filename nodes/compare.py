@@ -10,10 +10,10 @@ import comfy.model_management
 import comfy.samplers
 import nodes as host_nodes
 
-from ..fasterdiffusion import parse_strategy
+from ..fasterdiffusion.settings import Settings
 from ..fasterdiffusion.compare import Comparison, equal_time_steps, psnr, report
 from ..fasterdiffusion.runtime import format_report
-from ..patches.comfy_unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
+from ..patches.comfy.unet import apply_faster_diffusion, show_on_node, without_faster_diffusion
 from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
 from .apply import CATEGORY, propagation_input, strategy_inputs, validate_strategy
 from .comfy_v3 import Choice, io, node_id
@@ -103,8 +103,8 @@ class FasterDiffusionCompare(io.ComfyNode):
         if plain is not model:
             log.info("FasterDiffusion Compare: the input model has FasterDiffusion applied; the plain runs use it "
                      "without, the FasterDiffusion run with this node's settings")
-        patched, config = apply_faster_diffusion(plain, parse_strategy(strategy), parallel, max_decoder_batch,
-                                                 node_id(cls), propagation=propagation)
+        patched, config = apply_faster_diffusion(plain, Settings.of(strategy, parallel, max_decoder_batch, propagation),
+                                                 node_id(cls))
         comfy.model_management.load_models_gpu([plain])   # loading the weights is not part of either run's time
         run = lambda m, n: timed_ksampler(m, seed, n, cfg, sampler_name, scheduler, positive, negative, latent_image)
         faster, faster_s = run(patched, steps)

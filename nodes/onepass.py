@@ -6,8 +6,8 @@ import logging
 import comfy.utils
 
 from ..fasterdiffusion.onepass import MAX_K, OnePassError
-from ..patches.comfy_onepass import report, sample
-from ..patches.comfy_unet import show_on_node
+from ..patches.comfy.onepass import report, sample
+from ..patches.comfy.unet import show_on_node
 from .apply import CATEGORY
 from .comfy_v3 import io, node_id
 

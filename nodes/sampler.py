@@ -6,10 +6,11 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD, parse_strategy
+from ..fasterdiffusion import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION
-from ..patches.comfy_sampler import SUPPORTED, InjectionSettings, KSamplerWithFasterDiffusion
-from ..patches.comfy_unet import FasterDiffusionConfig
+from ..fasterdiffusion.settings import Settings
+from ..patches.comfy.sampler import SUPPORTED, KSamplerWithFasterDiffusion
+from ..patches.comfy.unet import FasterDiffusionConfig
 from .apply import CATEGORY, controlnet_reuse_input, propagation_input, strategy_inputs, validate_strategy
 from .comfy_v3 import Choice, io, node_id
 
@@ -38,9 +39,9 @@ def sampler_input():
 
 def make_sampler(sampler_name, strategy, parallel, max_decoder_batch, injection_alpha, injection_threshold, node,
                  controlnet_reuse=True, propagation=DEFAULT_PROPAGATION):
-    config = FasterDiffusionConfig(parse_strategy(strategy), parallel, max_decoder_batch, node, controlnet_reuse,
-                                   propagation)
-    return KSamplerWithFasterDiffusion(sampler_name, config, InjectionSettings(injection_alpha, injection_threshold))
+    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse, injection_alpha,
+                           injection_threshold)
+    return KSamplerWithFasterDiffusion(sampler_name, FasterDiffusionConfig(settings, node))
 
 
 class FasterDiffusionSampler(io.ComfyNode):

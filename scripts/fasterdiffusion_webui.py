@@ -3,7 +3,7 @@ img2img, the "FasterDiffusion" tab and the X/Y/Z plot axes.
 
 A1111/Forge import every ``scripts/*.py`` of an extension with the extension folder on ``sys.path``; ComfyUI
 never looks here (it imports the folder's ``__init__.py``, which never imports this).  The host glue lives in
-``patches/webui_*.py`` and is loaded under a private package name (``fasterdiffusion_webui_hosts``), so a
+``patches/webui/`` and is loaded under a private package name (``fasterdiffusion_webui_hosts``), so a
 ``patches`` package of another extension can never shadow it; the engine is the host-free ``fasterdiffusion``.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _load_hosts():
             package = importlib.util.module_from_spec(spec)
             sys.modules[HOSTS] = package
             spec.loader.exec_module(package)
-            for name in ("webui_ldm", "webui_glue", "webui_forge", "webui_ui"):
-                importlib.import_module(f"{HOSTS}.{name}")
+            for name in ("compvis", "glue", "forge", "ui"):
+                importlib.import_module(f"{HOSTS}.webui.{name}")
         finally:
             if added:
                 sys.path.remove(str(ROOT))
@@ -40,13 +40,13 @@ def _load_hosts():
 
 
 _hosts = _load_hosts()
-glue = _hosts.webui_glue
-ui = _hosts.webui_ui
+glue = _hosts.webui.glue
+ui = _hosts.webui.ui
 
 
 class FasterDiffusionScript(scripts.Script):
-    """API: ``"alwayson_scripts": {"fasterdiffusion": {"args": [enabled, strategy, parallel, max_batch,
-    injection_alpha]}}`` (shorter lists take the defaults)."""
+    """API: ``"alwayson_scripts": {"fasterdiffusion": {"args": [enabled, strategy, parallel,
+    max_decoder_batch, injection_alpha, propagation]}}`` (shorter lists take the defaults)."""
 
     def title(self):
         return "FasterDiffusion"
@@ -70,9 +70,9 @@ class FasterDiffusionScript(scripts.Script):
             if hasattr(p, "comment"):
                 p.comment(text)
             return
-        if not settings.enabled:
+        if settings is None:
             return
-        p.extra_generation_params.update(settings.infotext())
+        p.extra_generation_params.update(glue.infotext(settings))
         p._fasterdiffusion = glue.Generation(settings, p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):

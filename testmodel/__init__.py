@@ -260,7 +260,7 @@ _LOADED_PACK = []   # one copy of the pack per process: a second copy would re-r
 
 def load_pack(custom_nodes_dir):
     """Load this checkout into the booted ComfyUI exactly as ComfyUI does (custom_nodes/<pack> symlink,
-    nodes.load_custom_node) and return (Apply node class, the pack's patches.comfy_unet module).  Loaded
+    nodes.load_custom_node) and return (Apply node class, the pack's patches.comfy.unet module).  Loaded
     once per process: later calls (from another tool or test, with another directory) get the same copy."""
     import asyncio
     import nodes
@@ -272,13 +272,13 @@ def load_pack(custom_nodes_dir):
     name = str(link).replace(".", "_x_")
     if name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(link))):
         raise RuntimeError("ComfyUI failed to load the pack; see the log above")
-    _LOADED_PACK.append((nodes.NODE_CLASS_MAPPINGS["FasterDiffusionApply"], sys.modules[name + ".patches.comfy_unet"]))
+    _LOADED_PACK.append((nodes.NODE_CLASS_MAPPINGS["FasterDiffusionApply"], sys.modules[name + ".patches.comfy.unet"]))
     return _LOADED_PACK[0]
 
 
 def tool_session(cpu: bool = True):
     """What a measuring tool sets up: ComfyUI booted, quiet (logging below warnings, Python warnings and progress
-    bars off; one CPU thread on the CPU) and the pack loaded.  Returns ``load_pack``'s (Apply class, comfy_unet)."""
+    bars off; one CPU thread on the CPU) and the pack loaded.  Returns ``load_pack``'s (Apply class, patches.comfy.unet)."""
     import logging
     import tempfile
     import warnings
@@ -309,10 +309,14 @@ def digits_controlnet(seed: int = 0):
 
 def flux_tiny_model(seed: int = 0):
     """A random-weight tiny Flux (a DiT, not a UNet): the kind of model FasterDiffusion passes through."""
+    import dataclasses
+    import comfy.ldm.flux.model
     import comfy.supported_models
     cfg = dict(image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=768, context_in_dim=64,
                hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
                theta=10000, qkv_bias=True, guidance_embed=False)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:   # ComfyUI 0.33
+        cfg["txt_ids_dims"] = []
     return build_model_patcher(comfy.supported_models.Flux(cfg), seed=seed)
 
 

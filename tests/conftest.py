@@ -41,8 +41,9 @@ def pack(comfy, tmp_path_factory):
     import nodes
     from importlib import import_module
     apply_cls, comfy_unet = tm.load_pack(tmp_path_factory.mktemp("custom_nodes"))
-    package = comfy_unet.__name__.rsplit(".", 2)[0]
-    return SimpleNamespace(Apply=apply_cls, cu=comfy_unet, ldm=import_module(package + ".patches.comfy_ldm"),
+    package = comfy_unet.__name__.rsplit(".", 3)[0]
+    return SimpleNamespace(Apply=apply_cls, cu=comfy_unet, ldm=import_module(package + ".patches.comfy.ldm"),
+                           split=import_module(package + ".fasterdiffusion.ldm"),
                            runtime=import_module(package + ".fasterdiffusion.runtime"),
                            display=nodes.NODE_DISPLAY_NAME_MAPPINGS["FasterDiffusionApply"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -16,7 +17,15 @@ CHROMIUM = os.environ.get("FD_CHROMIUM") or shutil.which("chromium") or shutil.w
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="no chromium (tools/setup_test_host.sh --browser installs it)")
 
-PINNED_FRONTEND = "1.32.9"   # what ComfyUI 0.3.75's requirements.txt pins
+
+def pinned_frontend() -> str:
+    """The comfyui-frontend-package version the host's requirements.txt pins (1.32.9 on 0.3.75, 1.49.6 on 0.33)."""
+    text = (tm.comfy_dir() / "requirements.txt").read_text()
+    match = re.search(r"^comfyui-frontend-package==([\w.]+)", text, re.MULTILINE)
+    assert match, "the host's requirements.txt pins no comfyui-frontend-package"
+    return match.group(1)
+
+
 NEWEST_FRONTEND = "1.58.1"   # tools/setup_test_host.sh --browser
 
 BUILD_GRAPH = """() => {
@@ -147,7 +156,7 @@ def test_strategy_editor_end_to_end(page):
     assert done is not None and done["status"]["status_str"] == "success", done
     assert list((base / "output").glob("fd_browser_*.latent"))
     version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
-    assert version == {"pinned": PINNED_FRONTEND, "newest": NEWEST_FRONTEND}[variant.split("_")[0]]
+    assert version == {"pinned": pinned_frontend(), "newest": NEWEST_FRONTEND}[variant.split("_")[0]]
     shots = tm.REPO / "out"
     shots.mkdir(exist_ok=True)
     box = editor.bounding_box()

@@ -42,7 +42,7 @@ def test_calibrated_drift_is_no_worse_than_uniform_or_paper(pack, digits):
     import comfy.samplers
     from importlib import import_module
     model, tok = digits
-    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".calibrate")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 20)
     recorder_model, recorder = cal.recording_model(model, sigmas.tolist())
     tm.sample_digits(recorder_model, tok, [2, 7], seed=0, steps=20)
@@ -80,7 +80,7 @@ def measured(pack, model, tok, stale_outputs, steps=20):
     """The recorder of the same full pass the node runs (digits 2 and 7, seed 0, euler, normal)."""
     import comfy.samplers
     from importlib import import_module
-    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".calibrate")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
     recorder_model, recorder = cal.recording_model(model, sigmas.tolist(), stale_outputs=stale_outputs)
     tm.sample_digits(recorder_model, tok, [2, 7], seed=0, steps=steps)
@@ -126,3 +126,16 @@ def test_a_gpu_time_budget_gets_the_most_keys_that_fit(pack, calibrate, digits, 
         assert predicted_gpu_fraction(make_plan(",".join(map(str, choose_keys(cost, 20, more))), 20)) > fraction, more
     assert calibrate(*digits, budget_mode="keys", gpu_time_fraction=fraction, key_steps=6)[0].count(",") == 5, \
         "the fraction is read only in gpu_time mode"
+
+
+def test_a_model_the_split_cannot_serve_is_refused_with_the_reason(pack, digits, monkeypatch):
+    """Not "saw no model call": the reason Apply would pass the model through (another model class; a host forward
+    the split does not mirror)."""
+    from importlib import import_module
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".calibrate")
+    with pytest.raises(ValueError, match="cannot calibrate this model: Flux is not ComfyUI's UNetModel"):
+        cal.recording_model(tm.flux_tiny_model(), [14.6, 1.0, 0.0])
+    monkeypatch.setattr(pack.split, "host_forward",
+                        lambda cls: pack.split.HostForward(difference="this host's UNetModel forward differs"))
+    with pytest.raises(ValueError, match="cannot calibrate this model: this host's UNetModel forward differs"):
+        cal.recording_model(digits[0], [14.6, 1.0, 0.0])

@@ -104,7 +104,7 @@ def test_decoder_on_fresh_features_equals_host_forward(pack, digits, which):
         other = adapter.decode(c2, feats, adapter.embed(c2))
         assert rel(other, ref) > 1e-3
         # ... and batched over steps equals one call per step
-        outs, widths = rt.decode_steps(adapter, c, feats, [(t, t), (t2, t2)], max_rows=0)
+        outs, widths = rt.decode_steps(adapter, c, feats, [(t, t), (t2, t2)], max_decoder_batch=0)
         assert widths == [2] and rel(outs[0], ref) < 1e-5 and rel(outs[1], other) < 1e-5
         assert torch.equal(feats.mid, adapter.encode(call(t), emb).mid), "features untouched"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import re
 
@@ -31,8 +32,13 @@ def compare(host, digits, strategy, seed=5, fewer=True, batch=2, steps=STEPS, sa
                   vae=tm.StandInVAE(), seed=seed, steps=steps, cfg=3.0, sampler_name=sampler, scheduler="normal",
                   strategy=strategy, parallel=True, max_decoder_batch=32, compare_fewer_steps=fewer)
     cls = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionCompare"]
-    output, _, _, _ = asyncio.run(execution.get_output_data(
-        "test", "7", cls, {k: [v] for k, v in inputs.items()}, hidden_inputs={io.Hidden.unique_id: "7"}))
+    hidden = {io.Hidden.unique_id: "7"}
+    if "v3_data" in inspect.signature(execution.get_output_data).parameters:     # ComfyUI 0.33
+        extra = {"v3_data": {"hidden_inputs": hidden}}
+    else:
+        extra = {"hidden_inputs": hidden}
+    output, _, _, _ = asyncio.run(execution.get_output_data("test", "7", cls, {k: [v] for k, v in inputs.items()},
+                                                            **extra))
     return [o[0] for o in output]
 
 

@@ -371,3 +371,26 @@ def test_torch_compile_model_passes_through(pack, digits, caplog):
     assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; TorchCompileModel compiled the whole UNet, which "
                      "per-step encoder skipping would recompile at every step: every step ran in full (compiled)"]
     assert config.reports[-1]["full_calls"] == STEPS
+
+
+def test_multigpu_cfg_split_runs_in_full_and_says_so(pack, digits, caplog):
+    """ComfyUI 0.33's MultiGPU CFG split puts device clones on the model (additional models "multigpu") and runs one
+    evaluation's cond chunks on several devices at once, in threads: one run's caches cannot serve that, so the run
+    is bypassed with one line and counts its calls.  (A CPU host has one device: the split itself never runs here;
+    a clone stands in for the device clone, which ComfyUI then leaves unused.)"""
+    model, tok = digits
+    conds = conditioning(tok)
+    split = model.clone()
+    split.set_additional_models("multigpu", [model.clone()])
+    alone = ksampler(split, *conds)
+    fd, config = apply(pack, split, KEYS)
+    with caplog.at_level(logging.INFO):
+        out = ksampler(fd, *conds)
+    assert torch.equal(out, alone)
+    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
+    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; MultiGPU CFG split runs this model on several devices "
+                     "at once, in threads, which one run's feature caches cannot serve: every step ran in full"]
+    assert config.reports[-1]["full_calls"] == STEPS and config.reports[-1]["cached_calls"] == 0
+    plain, config = apply(pack, model, KEYS)
+    ksampler(plain, *conds)
+    assert config.reports[-1]["cached_calls"] > 0, "without the clones the same model is served"

@@ -20,7 +20,8 @@ import diffusers  # noqa: E402
 
 import diffusers_tiny as dt  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
-from fasterdiffusion.runtime import Run, RunConfig, decode_steps  # noqa: E402
+from fasterdiffusion.runtime import Run, decode_steps  # noqa: E402
+from fasterdiffusion.settings import Settings  # noqa: E402
 from fasterdiffusion.strategy import make_plan, parse_strategy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +110,7 @@ def test_wheel_holds_only_the_engine_package(tmp_path):
     __init__.py, nodes/, patches/ stay out), with the diffusers extra and no torch requirement."""
     src = tmp_path / "src"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files + ["fasterdiffusion/diffusers.py"]:
+    for f in files:
         if (REPO / f).is_file() and not f.endswith((".png", ".safetensors")):
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             (src / f).write_bytes((REPO / f).read_bytes())
@@ -118,7 +119,8 @@ def test_wheel_holds_only_the_engine_package(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"fasterdiffusion", "faster_diffusion-0.1.0.dist-info"}
-    assert "fasterdiffusion/diffusers.py" in names and "fasterdiffusion/runtime.py" in names
+    assert {"fasterdiffusion/diffusers/__init__.py", "fasterdiffusion/diffusers/unet.py", "fasterdiffusion/ldm.py",
+            "fasterdiffusion/runtime.py"} <= set(names)
     meta = zipfile.ZipFile(wheel).read("faster_diffusion-0.1.0.dist-info/METADATA").decode()
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist")]
     assert requires and all("extra == \"diffusers\"" in line for line in requires), requires
@@ -191,12 +193,12 @@ def test_decoder_on_fresh_features_equals_the_forward(case):
         other = adapter.decode(c2, feats, adapter.embed(c2))
         assert rel(other, ref) > 1e-3
         if case == "controlnet":
-            assert adapter.has_decoder_control(c) and not adapter.has_decoder_control(adapter.tile(c, 2, t2, None))
+            assert adapter.own_step_reason(c) and not adapter.own_step_reason(adapter.tile(c, 2, t2, None))
             mixed = adapter.decode(call(t2, kw), feats, adapter.embed(c2))     # t2 with t's residuals
             assert rel(mixed, other) > 1e-3, "each step's own residuals reach its decoder"
             return
         # ... and batched over steps equals one call per step
-        outs, widths = decode_steps(adapter, c, feats, [(c.timesteps, None), (t2, None)], max_rows=0)
+        outs, widths = decode_steps(adapter, c, feats, [(c.timesteps, None), (t2, None)], max_decoder_batch=0)
         assert widths == [2] and rel(outs[0], ref) < 1e-5 and rel(outs[1], other) < 1e-5
 
 
@@ -223,7 +225,7 @@ def test_diffusers_adapter_keeps_the_runtime_contract():
         encode = lambda self, call, emb: adapter.encode(ours(call), emb)
         decode = lambda self, call, f, emb: adapter.decode(ours(call), f, emb)
         tile = lambda self, call, n, t, s: adapter.tile(ours(call), n, t, s)
-        has_decoder_control = lambda self, call: False
+        own_step_reason = lambda self, call: None
 
     full = lambda call: unet(call.x, call.timesteps, ctx[:call.rows]).sample
 
@@ -233,7 +235,7 @@ def test_diffusers_adapter_keeps_the_runtime_contract():
 
     with torch.no_grad():
         for parallel, cap in ((True, 0), (True, 4), (False, 0)):
-            run = Run(RunConfig(parse_strategy("0,1,4"), parallel, cap), sigmas, timesteps)
+            run = Run(Settings(parse_strategy("0,1,4"), parallel, cap, propagation="reuse"), sigmas, timesteps)
             log = simulate(run, Wrapped(), full, sigmas, timesteps, lambda: torch.randn(2, 4, 8, 8, generator=g),
                            [("cond", "uncond")], passes=1, corrector=False, midpoints=True)
             check_log(run, log, reference, full)
@@ -705,8 +707,8 @@ def test_digits_model_decoder_outputs_agree_between_adapters(pack, digits):
     sigmas = fdd.schedule_sigmas(diffusers.DDIMScheduler(), timesteps)
     xs = [torch.randn(2, 4, 8, 8, generator=g) for _ in timesteps]
     for parallel in (True, False):
-        runs = (rt.Run(rt.RunConfig(parse_strategy("0,3,4"), parallel, 32), sigmas, timesteps),
-                Run(RunConfig(parse_strategy("0,3,4"), parallel, 32), sigmas, timesteps))
+        runs = (rt.Run(rt.Settings(parse_strategy("0,3,4"), parallel, 32, propagation="reuse"), sigmas, timesteps),
+                Run(Settings(parse_strategy("0,3,4"), parallel, 32, propagation="reuse"), sigmas, timesteps))
         adapters = (ldm.LdmUNetAdapter(comfy_unet), fdd.DiffusersUNetAdapter(unet))
         with torch.no_grad():
             for i, (t, x) in enumerate(zip(timesteps, xs)):

@@ -37,7 +37,7 @@ def test_host_recorder_keeps_the_encoders_features(pack, digits):
     from importlib import import_module
     import comfy.samplers
     import testmodel as tm
-    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".comfy_calibrate")
+    cal = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".calibrate")
     model, tok = digits
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
     seen = []
@@ -77,17 +77,17 @@ class ToyAdapter:
         from dataclasses import replace
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas)
 
-    def has_decoder_control(self, call):
-        return False
+    def own_step_reason(self, call):
+        return None
 
 
-def toy_run(n, weights, max_rows=64):
+def toy_run(n, weights, max_decoder_batch=64):
     from fasterdiffusion.runtime import ModelCall
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(2, 1, 2, 2, generator=g) * (1 + j) for j in range(n)]
     ts = [float(n - j) for j in range(n)]
     rec = DriftRecorder(n, stale_outputs=True, step_weights=weights)
-    rec.max_rows = max_rows
+    rec.max_decoder_batch = max_decoder_batch
     for j in range(n):
         call = ModelCall(xs[j], torch.full((2,), ts[j]), None, None, torch.float32)
         out = rec.forward(ToyAdapter(), call, j, ("c",))
@@ -130,7 +130,7 @@ def flat(matrix):
 
 def test_stale_decodes_batch_exactly_and_a_repeated_step_replaces_the_first():
     n = 6
-    one_by_one = toy_run(n, None, max_rows=2)[0].output_error()      # 2 rows per call: one stale step per call
+    one_by_one = toy_run(n, None, max_decoder_batch=2)[0].output_error()      # 2 rows per call: one stale step per call
     assert flat(toy_run(n, None)[0].output_error()) == pytest.approx(flat(one_by_one), rel=1e-6)
     # a Heun-type corrector calls step 3 before step 3 itself: the later call counts, once
     from fasterdiffusion.runtime import ModelCall

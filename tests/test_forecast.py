@@ -9,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fasterdiffusion.forecast import REUSE, Forecast, extrapolate, forecast_settings, weights
-from fasterdiffusion.runtime import Features, ModelCall, Run, RunConfig
+from fasterdiffusion.runtime import Features, ModelCall, Run
+from fasterdiffusion.settings import Settings
 from fasterdiffusion.samplers import forecast_off_reason
 from fasterdiffusion.strategy import make_plan, parse_strategy
 from test_runtime_contract import FakeAdapter, fake_full, schedule, simulate, strategies
@@ -119,7 +120,7 @@ def check_forecast_log(run, log, order):
 def test_every_call_is_forecast_from_its_own_slots_keys(n, strategy, order, rows, split, passes, corrector,
                                                         midpoints, parallel, cap, gaps, seed):
     sigmas, timesteps = schedule(n, seed)
-    run = Run(RunConfig(parse_strategy(strategy), parallel, cap, Forecast(order)), sigmas, timesteps)
+    run = Run(Settings(parse_strategy(strategy), parallel, cap, Forecast(order)), sigmas, timesteps)
     adapter = FakeAdapter()
     g = torch.Generator().manual_seed(seed)
     slots = [("cond",), ("uncond",)] if split else [("cond", "uncond")]
@@ -150,7 +151,7 @@ def test_constant_key_features_give_exactly_reuse(strategy, parallel):
     sigmas, timesteps = schedule(20, 1)
     outs = []
     for forecast in (REUSE, Forecast(1), Forecast(2)):
-        run = Run(RunConfig(parse_strategy(strategy), parallel, 0, forecast), sigmas, timesteps)
+        run = Run(Settings(parse_strategy(strategy), parallel, 0, forecast), sigmas, timesteps)
         g = torch.Generator().manual_seed(5)
         log = simulate(run, ConstantAdapter(), fake_full, sigmas, timesteps, lambda: torch.randn(2, 1, generator=g),
                        [("c",)], 0, False, False)
@@ -166,7 +167,7 @@ def test_history_never_crosses_call_slots_or_runs():
     """Run A keys slot 'a' at every key; run B first sees 'a' at step 4 (a late cond): B's first group of 'a'
     reuses (one key behind it), never A's features, and slot 'b' is never forecast from 'a'."""
     sigmas, timesteps = schedule(8, 2)
-    config = RunConfig(parse_strategy("uniform:2"), True, 0, Forecast(1))
+    config = Settings(parse_strategy("uniform:2"), True, 0, Forecast(1))
 
     def call(step, slot, value):
         x = torch.full((1, 1), float(value))
@@ -197,7 +198,7 @@ def test_history_never_crosses_call_slots_or_runs():
 def test_only_key_step_latents_enter_the_forecast():
     """Non-key latents are huge: any of them in a forecast would show."""
     sigmas, timesteps = schedule(9, 4)
-    run = Run(RunConfig(parse_strategy("uniform:3"), False, 0, Forecast(2)), sigmas, timesteps)
+    run = Run(Settings(parse_strategy("uniform:3"), False, 0, Forecast(2)), sigmas, timesteps)
     for step in range(9):
         run.begin_evaluation()
         key = step % 3 == 0
@@ -214,11 +215,11 @@ def test_sampler_fallback_reason():
     assert forecast_off_reason("sample_euler", 8) is None and "multistep" in forecast_off_reason("sample_dpmpp_2m", 19)
     assert "multistep" in forecast_off_reason("sample_unipc", 12) and forecast_off_reason("sample_unipc", 25) is None
     sigmas, timesteps = schedule(6, 0)
-    run = Run(RunConfig(parse_strategy("uniform:2"), True, 0, Forecast(1)), sigmas, timesteps,
+    run = Run(Settings(parse_strategy("uniform:2"), True, 0, Forecast(1)), sigmas, timesteps,
               forecast_off=forecast_off_reason("sample_euler_ancestral", 6))
     stats = run.finish()
     assert stats["propagation"] == "reuse" and "euler_ancestral" in stats["forecast_off"]
-    assert Run(RunConfig(parse_strategy("uniform:2"), True, 0, Forecast(2)), sigmas, timesteps).finish()[
+    assert Run(Settings(parse_strategy("uniform:2"), True, 0, Forecast(2)), sigmas, timesteps).finish()[
         "propagation"] == "forecast (order 2)"
 
 

@@ -2,7 +2,7 @@
 fails here with its name, instead of the pack failing to load or sampling wrong.
 
 Checked against the host the tests boot (ComfyUI 0.3.75); README "ComfyUI versions" says what was read of newer
-releases.  The UNet forward the split mirrors is pinned by its outline (patches/comfy_ldm.py) and, bit for bit,
+releases.  The UNet forward the split mirrors is pinned by its outline (fasterdiffusion/ldm.py) and, bit for bit,
 by tests/test_comfy_unet.py."""
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ SURVEYED_SAMPLERS = [
     "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
     "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
     "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+    "exp_heun_2_x0", "exp_heun_2_x0_sde"]      # ComfyUI 0.33: docs/quality/sampler_survey_comfyui_0.33.md
 
 
 def resolve(dotted: str):
@@ -135,46 +136,56 @@ def test_loader_takes_comfy_entrypoint(host):
 
 
 def test_unet_forward_runs_the_diffusion_model_wrappers(host):
-    """The DIFFUSION_MODEL wrapper (comfy_unet, comfy_calibrate, comfy_onepass) is what UNetModel.forward runs."""
+    """The DIFFUSION_MODEL wrapper (patches/comfy: unet, calibrate, onepass) is what UNetModel.forward runs."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     source = inspect.getsource(UNetModel.forward)
     assert "WrappersMP.DIFFUSION_MODEL" in source and "self._forward" in source
 
 
 def test_unet_forward_is_the_mirrored_one(host):
-    assert host.ldm.host_forward_difference() is None, host.ldm.host_forward_difference()
+    """The mirror knows this host's forward, and reads the patch points it honours from its source: ComfyUI 0.33
+    added middle_block_after_patch and an output patch's hsp=None (April 2026, SUPIR); 0.3.75 has neither."""
+    import comfyui_version
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    forward = host.split.host_forward(UNetModel)
+    assert forward.difference is None, forward.difference
+    new = tuple(int(p) for p in comfyui_version.__version__.split(".")[:2]) >= (0, 33)
+    assert forward == host.split.HostForward(emb_patch=True, middle_after_patch=new, optional_skip=new)
 
 
 def test_a_changed_forward_is_detected_and_named(host):
-    """Mutations of the host's own forward source: each is named, and the model would pass through."""
+    """Mutations of the host's own forward source: each is named, and the model would pass through; a patch point
+    the mirror knows is read, not refused."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    read = host.split.read_forward
     source = inspect.getsource(UNetModel._forward)
     new_patch = source.replace('"input_block_patch_after_skip" in transformer_patches',
                                '"middle_block_patch" in transformer_patches')
     assert new_patch != source
-    assert "uses keys middle_block_patch" in host.ldm.forward_difference(new_patch)
+    assert "uses keys middle_block_patch" in read(new_patch).difference
     emb_block = r'if "emb_patch" in transformer_patches:.*?emb = p\(emb, self.model_channels, transformer_options\)'
     no_emb_patch = re.sub(emb_block, "pass", source, flags=re.DOTALL)
     assert no_emb_patch != source
-    assert "no longer uses keys emb_patch" in host.ldm.forward_difference(no_emb_patch)
+    assert read(no_emb_patch).difference is None and not read(no_emb_patch).emb_patch
     new_block = source.replace("h = apply_control(h, control, 'middle')",
                                "h = apply_control(self.middle_block_out(h), control, 'middle')")
     assert new_block != source
-    assert "uses self middle_block_out" in host.ldm.forward_difference(new_block)
+    assert "uses self middle_block_out" in read(new_block).difference
     new_helper = source.replace("h = apply_control(h, control, 'middle')", "h = apply_middle_control(h, control)")
     assert new_helper != source
-    assert "uses calls apply_middle_control" in host.ldm.forward_difference(new_helper)
+    assert "uses calls apply_middle_control" in read(new_helper).difference
     reformatted = source.replace("transformer_options", "transformer_options ")
-    assert host.ldm.forward_difference(reformatted) is None, "formatting is not a difference"
+    assert read(reformatted) == read(source), "formatting is not a difference"
 
 
 def test_a_changed_forward_passes_the_model_through_with_one_log_line(host, digits, monkeypatch, caplog):
-    monkeypatch.setattr(host.ldm, "host_forward_difference", lambda: "this ComfyUI's UNetModel._forward differs")
+    monkeypatch.setattr(host.split, "host_forward",
+                        lambda cls: host.split.HostForward(difference="this host's UNetModel forward differs"))
     with caplog.at_level("INFO", logger="FasterDiffusion"):
         (out,) = host.Apply.execute(digits[0], "paper", True, 32)
     assert out is digits[0]
     assert [r.getMessage() for r in caplog.records] == [
-        "FasterDiffusion: passing the model through unchanged: this ComfyUI's UNetModel._forward differs"]
+        "FasterDiffusion: passing the model through unchanged: this host's UNetModel forward differs"]
 
 
 def test_every_host_sampler_has_been_surveyed(host):
@@ -208,7 +219,7 @@ def test_transformer_options_keys_the_glue_reads(host, digits):
 
 
 def test_controlnet_residuals_come_keyed_input_middle_output(host):
-    """comfy_ldm adds ControlNet residuals per block from control['input'|'middle'|'output']."""
+    """The ldm split adds ControlNet residuals per block from control['input'|'middle'|'output']."""
     import comfy.controlnet
     source = inspect.getsource(comfy.controlnet.ControlBase.control_merge)
     assert all(f"'{k}'" in source or f'"{k}"' in source for k in ("input", "middle", "output"))

@@ -17,12 +17,31 @@ FD_NODES = ["FasterDiffusionApply", "FasterDiffusionSampler", "FasterDiffusionKS
             "FasterDiffusionCalibrate", "FasterDiffusionOnePass", "FasterDiffusionCompare"]
 
 
+def host_lists():
+    """The host's own choice lists a node may offer (they grow with ComfyUI: 0.33 added two samplers)."""
+    import comfy.samplers
+    return {"<ComfyUI's samplers>": list(comfy.samplers.SAMPLER_NAMES),
+            "<ComfyUI's schedulers>": list(comfy.samplers.SCHEDULER_NAMES)}
+
+
+def host_list_named(options):
+    """A combo offering the host's own list (less a few it leaves out) written as that list's name and the names
+    left out, so the snapshot holds on every ComfyUI version; any other options as they are."""
+    for name, full in host_lists().items():
+        left_out = [o for o in full if o not in options]
+        if [o for o in full if o in options] == list(options) and len(left_out) < len(full) / 2:
+            return [name] + [f"-{o}" for o in left_out]
+    return list(options)
+
+
 def normalized(spec_input):
     """(type, options) with a V1 combo (a list of choices) written as V3 writes it: "COMBO" + options."""
     typ, *rest = spec_input
     opts = dict(rest[0]) if rest else {}
     if isinstance(typ, list):
         typ, opts = "COMBO", {**opts, "options": list(typ)}
+    if "options" in opts:
+        opts["options"] = host_list_named(opts["options"])
     for flag in ("multiline", "multiselect"):    # defaults V3 always writes (V1 only where a node said so)
         if opts.get(flag) is False:
             del opts[flag]

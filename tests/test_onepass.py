@@ -78,8 +78,8 @@ class RowAdapter:
         ctx = torch.cat([call.context] * n)
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=ctx)
 
-    def has_decoder_control(self, call):
-        return False
+    def own_step_reason(self, call):
+        return None
 
 
 @settings(max_examples=30, deadline=None)
@@ -142,8 +142,8 @@ def test_vsd_gradient_is_sigma_squared_times_the_score_difference():
 @pytest.fixture(scope="module")
 def onepass(pack):
     import nodes
-    package = pack.cu.__name__.rsplit(".", 2)[0]
-    glue = import_module(package + ".patches.comfy_onepass")
+    package = pack.cu.__name__.rsplit(".", 3)[0]
+    glue = import_module(package + ".patches.comfy.onepass")
     return nodes.NODE_CLASS_MAPPINGS["FasterDiffusionOnePass"], glue, import_module(package + ".fasterdiffusion.onepass")
 
 
@@ -236,6 +236,11 @@ def test_bad_k_and_unservable_models_are_refused(onepass, digits):
             node.execute(model, pos, latent, 0, k)
     with pytest.raises(engine.OnePassError, match="SD-architecture UNets"):
         node.execute(tm.flux_tiny_model(), pos, latent, 0, 4)
+    split = import_module(glue.__name__.rsplit(".", 3)[0] + ".fasterdiffusion.ldm")
+    with pytest.MonkeyPatch.context() as mp:      # the real reason, as Apply gives it (e.g. a forward not mirrored)
+        mp.setattr(split, "host_forward", lambda cls: split.HostForward(difference="this host's UNetModel forward differs"))
+        with pytest.raises(engine.OnePassError, match="this host's UNetModel forward differs"):
+            node.execute(model, pos, latent, 0, 4)
     import comfy_extras.nodes_model_advanced as adv
     (lcm,) = adv.ModelSamplingDiscrete().patch(model, "lcm", False)
     with pytest.raises(engine.OnePassError, match="schedule"):

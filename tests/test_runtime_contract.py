@@ -15,7 +15,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fasterdiffusion.runtime import Features, ModelCall, Outcome, Run, RunConfig
+from fasterdiffusion.runtime import Features, ModelCall, Outcome, Run
+from fasterdiffusion.settings import Settings
 from fasterdiffusion.strategy import parse_strategy
 
 
@@ -39,8 +40,8 @@ class FakeAdapter:
     def tile(self, call, n, timesteps, sigmas):
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas)
 
-    def has_decoder_control(self, call):
-        return False
+    def own_step_reason(self, call):
+        return None
 
 
 def fake_full(call):
@@ -120,7 +121,7 @@ strategies = st.one_of(st.sampled_from(["paper", "all"]), st.integers(1, 6).map(
 def test_every_call_is_served_by_its_own_slot_and_group(n, strategy, rows, split, passes, corrector, midpoints,
                                                         parallel, cap, gaps, seed):
     sigmas, timesteps = schedule(n, seed)
-    run = Run(RunConfig(parse_strategy(strategy), parallel, cap), sigmas, timesteps)
+    run = Run(Settings(parse_strategy(strategy), parallel, cap, propagation="reuse"), sigmas, timesteps)
     adapter = FakeAdapter()
     g = torch.Generator().manual_seed(seed)
     slots = [("cond",), ("uncond",)] if split else [("cond", "uncond")]
@@ -142,7 +143,7 @@ def test_every_call_is_served_by_its_own_slot_and_group(n, strategy, rows, split
 
 def test_outcomes_of_one_group():
     sigmas, timesteps = schedule(6, 0)
-    run = Run(RunConfig(parse_strategy("0,3,5")), sigmas, timesteps)
+    run = Run(Settings(parse_strategy("0,3,5"), propagation="reuse"), sigmas, timesteps)
     adapter, x = FakeAdapter(), torch.randn(2, 1)
     call = lambda i: ModelCall(x, torch.full((2,), timesteps[i]), None, torch.full((2,), sigmas[i]), x.dtype, "s")
     seen = []
@@ -185,11 +186,12 @@ def test_ldm_adapter_keeps_the_contract(pack, digits):
         encode = lambda self, call, emb: adapter.encode(as_ldm(call), emb)
         decode = lambda self, call, f, emb: adapter.decode(call if isinstance(call.host, ldm.LdmCall) else as_ldm(call), f, emb)
         tile = lambda self, call, n, t, s: adapter.tile(as_ldm(call), n, t, s)
-        has_decoder_control = lambda self, call: False
+        own_step_reason = lambda self, call: None
 
     with torch.no_grad():
         for parallel, cap in ((True, 0), (True, 4), (False, 0)):
-            run = runtime.Run(runtime.RunConfig(parse_strategy("0,1,4"), parallel, cap), sigmas, timesteps)
+            settings = runtime.Settings(parse_strategy("0,1,4"), parallel, cap, propagation="reuse")
+            run = runtime.Run(settings, sigmas, timesteps)
             log = simulate(run, Ldm(), full, sigmas, timesteps, lambda: torch.randn(2, 4, 8, 8, generator=g),
                            [("cond", "uncond")], passes=1, corrector=False, midpoints=True)
             check_log(run, log, reference, full)

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import webui_fakes as wf
-from fasterdiffusion.runtime import ModelCall, Run, RunConfig
+from fasterdiffusion import ldm
+from fasterdiffusion.runtime import ModelCall, Run
+from fasterdiffusion.settings import Settings
 from fasterdiffusion.strategy import parse_strategy
 from test_runtime_contract import check_log, schedule, simulate
 
@@ -38,9 +40,9 @@ def webui(comfy):
     callbacks = wf.install_modules(gradio)
     mod = wf.load_script()
     hosts = mod._hosts
-    yield SimpleNamespace(mod=mod, script=mod.FasterDiffusionScript(), glue=hosts.webui_glue, ldm=hosts.webui_ldm,
-                          forge=hosts.webui_forge, ui=hosts.webui_ui, callbacks=callbacks, gr=gradio)
-    hosts.webui_glue.cleanup_all()
+    yield SimpleNamespace(mod=mod, script=mod.FasterDiffusionScript(), glue=hosts.webui.glue, ldm=hosts.webui.compvis,
+                          forge=hosts.webui.forge, ui=hosts.webui.ui, callbacks=callbacks, gr=gradio)
+    hosts.webui.glue.cleanup_all()
     wf.remove_modules()
 
 
@@ -107,15 +109,15 @@ print('ok', sorted(m for m in sys.modules if m.startswith('fasterdiffusion_webui
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "fasterdiffusion_webui_hosts.webui_ldm" in out.stdout
+    assert "fasterdiffusion_webui_hosts.webui.compvis" in out.stdout
 
 
 def test_comfyui_loader_never_imports_the_webui_modules(pack):
-    prefix = pack.cu.__name__.rsplit(".", 2)[0]
+    prefix = pack.cu.__name__.rsplit(".", 3)[0]
     loaded = [m for m in sys.modules if m.startswith(prefix + ".")]
     assert loaded and not [m for m in loaded if "webui" in m or ".scripts" in m or ".javascript" in m]
     # and statically: nothing the ComfyUI side imports names a webui module
-    for path in [REPO / "__init__.py", *(REPO / "nodes").glob("*.py"), *(REPO / "patches").glob("comfy_*.py")]:
+    for path in [REPO / "__init__.py", *(REPO / "nodes").glob("*.py"), *(REPO / "patches" / "comfy").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
@@ -127,7 +129,8 @@ def test_extension_folder_layout():
     assert list((REPO / "javascript").glob("*.mjs")) and (REPO / "style.css").is_file()
     out = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "no extra dependencies" in out.stdout
-    webui_sources = [p for p in (REPO / "patches").glob("webui_*.py")]
+    webui_sources = list((REPO / "patches" / "webui").glob("*.py"))
+    assert webui_sources
     for path in webui_sources:   # no host import at module level: each module imports on the other host
         tree = ast.parse(path.read_text())
         for node in tree.body:
@@ -143,7 +146,7 @@ def test_decoder_on_fresh_features_equals_the_forward(webui, unet):
     """encode + decode (no hooks) is the UNet's forward, bit for bit; also with class labels (the y path)."""
     ldm = webui.ldm
     for model, y in ((unet, None), (toy_unet(3, num_classes=10), torch.tensor([3, 7]))):
-        adapter = ldm.LdmUNetAdapter(model)
+        adapter = ldm.CompVisSplit(model)
         x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([801.5, 801.5]), torch.randn(2, 7, 32)
         kwargs = {"context": ctx} if y is None else {"context": ctx, "y": y}
         call = ldm.make_call(model, (x, t), kwargs)
@@ -184,7 +187,7 @@ def test_hooked_unet_keeps_the_runtime_contract(webui, unet, shared):
     g = torch.Generator().manual_seed(5)
     contexts = {("cond",): torch.randn(2, 7, 32, generator=g), ("uncond",): torch.randn(2, 7, 32, generator=g)}
     sigmas, timesteps = schedule(5, 2)
-    adapter = ldm.LdmUNetAdapter(unet)
+    adapter = ldm.CompVisSplit(unet)
     residual = (lambda t, h: 0.01 * torch.cos(t.view(-1, 1, 1, 1) / 100.0) * torch.ones_like(h)) if shared else None
 
     def cn_forward(self, x, timesteps=None, context=None, **kw):     # the ControlNet extension's shape of forward
@@ -226,7 +229,7 @@ def test_hooked_unet_keeps_the_runtime_contract(webui, unet, shared):
     try:
         with torch.no_grad():
             for parallel, cap in ((True, 0),) if shared else ((True, 0), (True, 2), (False, 0)):
-                run = Run(RunConfig(parse_strategy("0,3"), parallel, cap), sigmas, timesteps)
+                run = Run(Settings(parse_strategy("0,3"), parallel, cap, propagation="reuse"), sigmas, timesteps)
                 hooked = HookedRun(run, unet, contexts)
                 hook = ldm.UNetHook(unet, lambda: run, lambda: hooked.step).install()
                 hook.shared = shared
@@ -253,7 +256,7 @@ def test_hooked_unet_keeps_the_runtime_contract(webui, unet, shared):
 def test_non_key_output_does_not_depend_on_the_latent(webui, unet, parallel):
     ldm = webui.ldm
     sigmas, timesteps = schedule(4, 1)
-    run = Run(RunConfig(parse_strategy("0,3"), parallel), sigmas, timesteps)
+    run = Run(Settings(parse_strategy("0,3"), parallel, propagation="reuse"), sigmas, timesteps)
     state = SimpleNamespace(step=0)
     hook = ldm.UNetHook(unet, lambda: run, lambda: state.step).install()
     g = torch.Generator().manual_seed(2)
@@ -428,7 +431,7 @@ def test_wrapping_keeps_the_signature_and_is_idempotent(webui, unet, ks):
     import inspect
     sd = wf.SdModel(unet)
     sampler = wf.KSampler(ks.sample_dpmpp_2m, sd)
-    gen = webui.glue.Generation(webui.glue.Settings(True, "paper"))
+    gen = webui.glue.Generation(Settings.of("paper"))
     first = webui.glue.wrap_sampler(sampler, gen)
     second = webui.glue.wrap_sampler(sampler, gen)
     assert "sigmas" in inspect.signature(second).parameters and second.__wrapped__ is ks.sample_dpmpp_2m
@@ -511,8 +514,8 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     assert info == {"FasterDiffusion": "uniform:3", "FD parallel": False, "FD max batch": 8, "FD injection": 0.003,
                     "FD propagation": "forecast"}
     restored = glue.settings_from_infotext({k: str(v) for k, v in info.items()})
-    assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_batch=8, alpha=0.003,
-                            propagation="forecast")
+    assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_decoder_batch=8,
+                            injection_alpha=0.003, propagation="forecast")
     assert glue.settings_from_infotext({"Steps": "20"})["enabled"] is False
     # an infotext written before forecast existed was made with reuse: pasting it restores reuse
     assert glue.settings_from_infotext({"FasterDiffusion": "paper"})["propagation"] == "reuse"
@@ -524,12 +527,12 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     # XYZ axes set p.fd_enabled / p.fd_strategy before process()
     p = wf.P(sd)
     p.fd_strategy = "0,2"
-    assert glue.read_settings(p, [False]) == glue.Settings(True, "0,2")
+    assert glue.read_settings(p, [False]) == Settings.of("0,2")
     p.fd_enabled = "False"
-    assert glue.read_settings(p, [True, "paper"]).enabled is False
+    assert glue.read_settings(p, [True, "paper"]) is None
     p = wf.P(sd)
     p.fd_propagation = "reuse"                                              # the XYZ propagation axis
-    assert glue.read_settings(p, [False]) == glue.Settings(True, "paper", propagation="reuse")
+    assert glue.read_settings(p, [False]) == Settings.of("paper", propagation="reuse")
     with pytest.raises(ValueError, match="propagation"):
         glue.read_settings(wf.P(sd), [True, "paper", True, 32, 0.0, "extrapolate"])
     with pytest.raises(glue.StrategyError):
@@ -653,18 +656,18 @@ def test_forge_adapter_keeps_the_contract_with_controlnet_residuals(webui, forge
         scale = 0.05 * torch.cos(t.flatten()[0] / 150.0)
         return {"middle": [scale * torch.ones(shapes["mid"])], "output": [scale * torch.ones(s) for s in shapes["skips"]]}
 
-    adapter = forge.ForgeUNetAdapter(dm)
+    adapter = ldm.LdmSplit(dm)
     x0 = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
         c0 = SimpleNamespace(x=x0, timesteps=torch.tensor([500.0, 500.0]), context=ctx, dtype=x0.dtype,
-                             host=forge.ForgeCall(None, None, {}, {}))
+                             host=ldm.LdmCall(None, None, {}, {}))
         f0 = adapter.encode(c0, adapter.embed(c0))
     shapes["mid"], shapes["skips"] = tuple(f0.mid.shape), [tuple(s.shape) for s in f0.skips]
 
     def call_of(call):
         return ModelCall(
             call.x, call.timesteps, ctx[:call.rows], call.sigmas, call.dtype, call.slot,
-            forge.ForgeCall(None, control(call.timesteps), {"cond_or_uncond": [0, 1][:call.rows]}, {}))
+            ldm.LdmCall(None, control(call.timesteps), {"cond_or_uncond": [0, 1][:call.rows]}, {}))
 
     def full(call):
         return type(dm).forward(dm, call.x, call.timesteps, ctx[:call.rows], None, control(call.timesteps),
@@ -689,7 +692,7 @@ def test_forge_adapter_keeps_the_contract_with_controlnet_residuals(webui, forge
                                    {"cond_or_uncond": [0, 1][:call.rows], "sigmas": call.sigmas})
 
     with torch.no_grad():
-        run = Run(RunConfig(parse_strategy("0,3")), sigmas, timesteps)
+        run = Run(Settings(parse_strategy("0,3"), propagation="reuse"), sigmas, timesteps)
         log = simulate(Patched(run), adapter, full, sigmas, timesteps, lambda: torch.randn(2, 4, 8, 8, generator=g),
                        [("c",)], passes=0, corrector=False, midpoints=False)
         check_log(run, log, reference, full)

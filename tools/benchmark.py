@@ -64,8 +64,8 @@ def build(name, device, dtype):
 
 
 def _ldm(cu):
-    """The pack's ldm adapter module, beside its comfy_unet module ``cu``."""
-    return import_module(cu.__name__.rsplit(".", 1)[0] + ".comfy_ldm")
+    """The pack's ldm adapter module, beside its patches.comfy.unet module ``cu``."""
+    return import_module(cu.__name__.rsplit(".", 1)[0] + ".ldm")
 
 
 def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
@@ -110,7 +110,7 @@ def print_decoder_memory(unet, cu, size, pos, adm, dtype, device):
 
     full = peak(lambda: unet(x, t, ctx, y, None, {}))
     with torch.no_grad():
-        ldm, runtime = _ldm(cu), import_module(cu.__name__.rsplit(".", 2)[0] + ".fasterdiffusion.runtime")
+        ldm, runtime = _ldm(cu), import_module(cu.__name__.rsplit(".", 3)[0] + ".fasterdiffusion.runtime")
         adapter = ldm.LdmUNetAdapter(unet)
         call = ldm.make_call(x, t, ctx, y, None, {"sigmas": t}, {})
         feats = adapter.encode(call, adapter.embed(call))

@@ -60,8 +60,8 @@ def main():
     import torch
     import comfy.samplers
     import nodes
-    package = cu.__name__.rsplit(".", 2)[0]
-    calibration = import_module(package + ".patches.comfy_calibrate")
+    package = cu.__name__.rsplit(".", 3)[0]
+    calibration = import_module(package + ".patches.comfy.calibrate")
     engine = import_module(package + ".fasterdiffusion")
     ks = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     budgets = [int(b) for b in args.budgets.split(",")]

@@ -22,7 +22,7 @@ import conftest, test_controlnet as tc
 from importlib import import_module
 Apply, cu = tm.load_pack(tempfile.mkdtemp())
 pack = SimpleNamespace(Apply=Apply, cu=cu)
-pkg = cu.__name__.rsplit(".", 2)[0]
+pkg = cu.__name__.rsplit(".", 3)[0]
 fc = import_module(pkg + ".fasterdiffusion.forecast")
 rt = import_module(pkg + ".fasterdiffusion.runtime")
 orig = fc.extrapolate

@@ -110,15 +110,18 @@ def main():
     truth = torch.tensor(digits).numpy()
     score = {name: dict(ratio=statistics.median(times[name]) / base_t, psnr=psnr(img, images["baseline"]),
                         acc=float((tm.classify(img) == truth).mean())) for name, img in images.items()}
-    print(f"\n{len(digits)} digits, {args.steps} steps {args.sampler}, cfg {args.cfg}, strategy {args.strategy!r}, "
-          f"median of {args.repeats} interleaved runs, {torch.get_num_threads()} thread")
+    import comfyui_version
+    print(f"\nComfyUI {comfyui_version.__version__}: {len(digits)} digits, {args.steps} steps {args.sampler}, cfg {args.cfg}, "
+          f"strategy {args.strategy!r}, median of {args.repeats} interleaved runs, {torch.get_num_threads()} thread")
     print(f"{'':16s} {'time s':>7s} {'ratio':>6s} {'PSNR dB':>8s} {'max|d|':>7s} {'digit acc':>9s}")
     for name, img in images.items():
         sc = score[name]
         print(f"{name:16s} {statistics.median(times[name]):7.3f} {sc['ratio']:6.3f} {sc['psnr']:8.2f} "
               f"{(img - images['baseline']).abs().max().item():7.4f} {sc['acc']:9.0%}")
     for name, c in configs.items():
-        print(f"  {name}: decoder batches {c.reports[-1]['decoder_batches']}, {c.reports[-1]['propagation']}")
+        r = c.reports[-1]
+        print(f"  {name}: encoder ran {r['encoder_calls'] + r['full_calls']}x, skipped {r['cached_calls']}x; decoder "
+              f"batches {r['decoder_batches']}, {r['propagation']}")
     print(f"  {name_fewer}: the plain sampler at the smaller of the measured time ratio and the SD1.5 GPU time "
           f"the plan predicts ({gpu:.2f}); on a GPU the parallel decoders cost about the latter")
 

@@ -56,7 +56,7 @@ def main():
     import comfy.sample
     import comfy.samplers
     from importlib import import_module
-    engine = import_module(cu.__name__.rsplit(".", 2)[0] + ".fasterdiffusion")
+    engine = import_module(cu.__name__.rsplit(".", 3)[0] + ".fasterdiffusion")
     # measure forecast where the pack would fall back to reuse too (ancestral samplers): that policy comes from here
     cu.forecast_off_reason = lambda name, steps: None
     if args.model == "digits":
@@ -85,7 +85,7 @@ def main():
         return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
     def patched(strategy, forecast):
-        m, config = cu.apply_faster_diffusion(model, engine.parse_strategy(strategy), True, 0, None, True, forecast)
+        m, config = cu.apply_faster_diffusion(model, cu.Settings.of(strategy, True, 0, forecast))
         return m, config
 
     if args.cases:

@@ -167,9 +167,9 @@ def main():
     warnings.filterwarnings("ignore")
     comfy.utils.set_progress_bar_enabled(False)
     Apply, cu = tm.load_pack(tempfile.mkdtemp())
-    package = cu.__name__.rsplit(".", 2)[0]
-    calibration = import_module(package + ".patches.comfy_calibrate")
-    cs = import_module(package + ".patches.comfy_sampler")
+    package = cu.__name__.rsplit(".", 3)[0]
+    calibration = import_module(package + ".patches.comfy.calibrate")
+    cs = import_module(package + ".patches.comfy.sampler")
     if args.forecast_always:
         cu.forecast_off_reason = lambda name, steps: None
     engine = import_module(package + ".fasterdiffusion")
@@ -195,7 +195,7 @@ def main():
 
     def fd(strategy, alpha=0.0, steps=STEPS, propagation="reuse"):
         def run(labels, seed, cap=0):
-            config = cu.FasterDiffusionConfig(engine.parse_strategy(strategy), True, cap, None, True, propagation)
+            config = cu.FasterDiffusionConfig(cu.Settings.of(strategy, True, cap, propagation))
             sampler = cs.KSamplerWithFasterDiffusion(SAMPLER, config, cs.InjectionSettings(alpha, 500.0))
             return sample(model, sampler, steps, labels, seed)
         return run

@@ -1,6 +1,7 @@
 """Survey: which stock samplers encoder propagation can serve, on the trained digits test model.
 
     OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/sampler_survey.py [--steps 20] [--strategy uniform:2]
+        [--samplers a,b] [--out FILE]          (another ComfyUI: COMFYUI_PATH=... and that host's venv python)
 
 For every ComfyUI sampler, samples 20 digits (2 per class, same seed) with the plain model and through
 FasterDiffusion Apply with each propagation, and prints the digit-classifier accuracy and the image PSNR to the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 import tempfile
@@ -21,10 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import testmodel as tm  # noqa: E402
 
 
+def host_prefix() -> str:
+    """``COMFYUI_PATH=... `` where the survey ran on another ComfyUI than the default test host."""
+    d = tm.comfy_dir().resolve()
+    return "" if d == (tm.REPO / ".testhost" / "ComfyUI").resolve() else f"COMFYUI_PATH={os.path.relpath(d, tm.REPO)} "
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--strategy", default="uniform:2")
+    ap.add_argument("--samplers", default="", help="comma-separated sampler names (default: every host sampler)")
     ap.add_argument("--out", default=str(tm.REPO / "docs" / "quality" / "sampler_survey.md"))
     args = ap.parse_args()
     tm.boot_comfy()
@@ -50,13 +59,15 @@ def main():
         return math.inf if mse == 0 else 10 * math.log10(1 / mse)
     head = (f"| sampler | plain acc | reuse acc | reuse PSNR | forecast (as run) acc | PSNR | forecast forced PSNR "
             f"| FasterDiffusion |")
-    lines = [f"# Sampler survey: digits model, {args.steps} steps, `{args.strategy}`, 20 digits, CFG 3", "",
-             f"Command: `OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/sampler_survey.py "
+    import comfyui_version
+    lines = [f"# Sampler survey: digits model, {args.steps} steps, `{args.strategy}`, 20 digits, CFG 3, "
+             f"ComfyUI {comfyui_version.__version__}", "",
+             f"Command: `{host_prefix()}OMP_NUM_THREADS=1 {os.path.relpath(sys.executable, tm.REPO)} tools/sampler_survey.py "
              f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`. PSNR of the images to the plain run of the same "
              "sampler; \"as run\" is what the pack does (it reuses where forecasting measured worse), \"forced\" "
              "forecasts everywhere.", "", head, "|---|---|---|---|---|---|---|---|"]
     print(head)
-    for name in comfy.samplers.SAMPLER_NAMES:
+    for name in (args.samplers.split(",") if args.samplers else comfy.samplers.SAMPLER_NAMES):
         if name in ("dpm_fast", "dpm_adaptive"):      # adaptive step sizes: no fixed schedule to propagate on
             continue
         images = {"plain": tm.decode(tm.sample_digits(model, tokens, digits, seed=1, steps=args.steps, sampler=name))}

@@ -64,11 +64,11 @@ class Config:
 # ------------------------------------------------------------------------------------------------ the pack
 
 def pack_modules():
-    """(onepass, tiue, comfy_ldm) as the pack has them (patches/ imports the engine relatively)."""
+    """(onepass, tiue, patches.comfy.ldm) as the pack has them (patches/ imports the engine relatively)."""
     _, cu = tm.load_pack(tempfile.mkdtemp(prefix="fd_tiue_"))
-    pkg = cu.__name__.rsplit(".", 2)[0]
+    pkg = cu.__name__.rsplit(".", 3)[0]
     return (import_module(pkg + ".fasterdiffusion.onepass"), import_module(pkg + ".fasterdiffusion.tiue"),
-            import_module(pkg + ".patches.comfy_ldm"))
+            import_module(pkg + ".patches.comfy.ldm"))
 
 
 def schedule_of(model_patcher):
@@ -146,13 +146,13 @@ class Trainer:
         import torch
         return torch.randint(lo, hi, (n,), generator=self.gen).to(self.device)
 
-    def student_sample(self, unet, noise, context, max_rows=None):
+    def student_sample(self, unet, noise, context, max_decoder_batch=None):
         """The one-pass latent and the K decoder outputs of ``unet`` (the student's forward)."""
         import torch
         t0 = torch.full((noise.shape[0],), float(self.timesteps[0]), device=self.device)
         call = self.ldm.make_call(noise, t0, context, None, None, {}, {})
         return self.onepass.one_pass(self.ldm.LdmUNetAdapter(unet), call, self.timesteps, self.alphas,
-                                     self.final_alpha, self.cfg.max_decoder_batch if max_rows is None else max_rows)
+                                     self.final_alpha, self.cfg.max_decoder_batch if max_decoder_batch is None else max_decoder_batch)
 
     def eps(self, unet, x, t, context, scale):
         """``unet``'s noise prediction at (x, t), with CFG ``scale`` against the null condition."""
@@ -265,7 +265,7 @@ def digits_accuracy(trainer, unet, n_per_digit=10, seed=0):
     digits = [d for d in range(10) for _ in range(n_per_digit)]
     noise = comfy.sample.prepare_noise(torch.zeros(len(digits), *trainer.chw), seed).to(trainer.device)
     with torch.no_grad():
-        z0 = trainer.student_sample(unet, noise, trainer.conds[torch.tensor(digits)], max_rows=0).latent
+        z0 = trainer.student_sample(unet, noise, trainer.conds[torch.tensor(digits)], max_decoder_batch=0).latent
     images = tm.latents_to_images(z0.cpu())           # model space -> image (the latent format divides, decode multiplies)
     return float((tm.classify(images) == torch.tensor(digits).numpy()).mean()), images
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fasterdiffusion.strategy import StrategyError, make_plan, parse_strategy
 
-from . import webui_glue as glue
+from . import glue
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGY_JS = ROOT / "web" / "js" / "strategy.js"
@@ -45,10 +45,10 @@ def accordion(script, is_img2img: bool):
         gr.HTML(editor_html(tab, script.elem_id("fd_strategy"), f"{tab}_steps"), elem_id=script.elem_id("fd_editor"))
         with gr.Row():
             parallel = gr.Checkbox(value=True, label="Parallel decoders (the GPU speed-up)", elem_id=script.elem_id("fd_parallel"))
-            max_batch = gr.Slider(minimum=0, maximum=128, step=1, value=32, elem_id=script.elem_id("fd_max_batch"),
-                                  label="Memory cap: most samples in one decoder batch (0 = no cap)")
-            alpha = gr.Slider(minimum=0.0, maximum=0.01, step=0.0005, value=0.0, elem_id=script.elem_id("fd_alpha"),
-                              label="Prior noise injection α (0 = off; paper 0.003; Euler, Euler a, DPM++ 2M, LMS)")
+            max_decoder_batch = gr.Slider(minimum=0, maximum=128, step=1, value=32, elem_id=script.elem_id("fd_max_batch"),
+                                          label="Memory cap: most samples in one decoder batch (0 = no cap)")
+            injection_alpha = gr.Slider(minimum=0.0, maximum=0.01, step=0.0005, value=0.0, elem_id=script.elem_id("fd_alpha"),
+                                        label="Prior noise injection α (0 = off; paper 0.003; Euler, Euler a, DPM++ 2M, LMS)")
         propagation = gr.Dropdown(choices=list(glue.PROPAGATIONS), value=glue.DEFAULTS["propagation"],
                                   elem_id=script.elem_id("fd_propagation"),
                                   label="Non-key steps get: forecast (features extrapolated from the last key steps, "
@@ -58,13 +58,13 @@ def accordion(script, is_img2img: bool):
         (enabled, lambda d: fields(d)["enabled"]),
         (strategy, lambda d: fields(d)["strategy"]),
         (parallel, lambda d: fields(d)["parallel"]),
-        (max_batch, lambda d: fields(d)["max_batch"]),
-        (alpha, lambda d: fields(d)["alpha"]),
+        (max_decoder_batch, lambda d: fields(d)["max_decoder_batch"]),
+        (injection_alpha, lambda d: fields(d)["injection_alpha"]),
         (propagation, lambda d: fields(d)["propagation"]),
     ]
     script.paste_field_names = [glue.KEY_STRATEGY, glue.KEY_PARALLEL, glue.KEY_MAX_BATCH, glue.KEY_ALPHA,
                                 glue.KEY_PROPAGATION]
-    return [enabled, strategy, parallel, max_batch, alpha, propagation]
+    return [enabled, strategy, parallel, max_decoder_batch, injection_alpha, propagation]   # glue.ARGS
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ sampler-function wrapper that captures each run's schedule, and the per-evaluati
 
 Per generation (``Generation``, made in ``Script.process``):
   * ``before_sampling`` (from ``process_before_every_sampling``; twice on Forge's hires pass) hooks the UNet
-    (A1111: ``webui_ldm.UNetHook`` on ``p.sd_model.model.diffusion_model``; Forge: a patched clone of
-    ``forge_objects.unet``, ``webui_forge``) and wraps ``p.sampler.func`` with ``functools.wraps``
+    (A1111: ``compvis.UNetHook`` on ``p.sd_model.model.diffusion_model``; Forge: a patched clone of
+    ``forge_objects.unet``, ``forge.py``) and wraps ``p.sampler.func`` with ``functools.wraps``
     (idempotent: the original is kept on the wrapper);
   * each call of the wrapped sampler function is one sampling run (txt2img, the hires pass, img2img): a
     fresh ``Run`` on the exact schedule it was given (``sigmas``, or DDIM/PLMS ``timesteps``), a model proxy
@@ -19,17 +19,17 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from dataclasses import dataclass
 
 import torch
 
-from fasterdiffusion.forecast import DEFAULT_PROPAGATION, PROPAGATIONS, forecast_settings
+from fasterdiffusion.forecast import DEFAULT_PROPAGATION, PROPAGATIONS
 from fasterdiffusion.injection import DEFAULT_THRESHOLD, Injector
-from fasterdiffusion.runtime import Run, RunConfig, format_report
+from fasterdiffusion.runtime import Run, RunModel
+from fasterdiffusion.settings import Settings
 from fasterdiffusion.samplers import STATE_PASSING, bypass_reason, forecast_off_reason
-from fasterdiffusion.strategy import StrategyError, make_plan, parse_strategy
+from fasterdiffusion.strategy import StrategyError, make_plan
 
-from . import webui_ldm
+from . import compvis
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -40,35 +40,23 @@ KEY_MAX_BATCH = "FD max batch"
 KEY_ALPHA = "FD injection"
 KEY_PROPAGATION = "FD propagation"   # always written when enabled: infotexts without it predate forecast (reuse)
 KEY_STATS = "FD stats"          # written after sampling, never read back
-DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_batch=32, alpha=0.0, propagation=DEFAULT_PROPAGATION)
+# the accordion's values, in ``ui()`` order (and the API's positional ``alwayson_scripts`` args)
+ARGS = ("enabled", "strategy", "parallel", "max_decoder_batch", "injection_alpha", "propagation")
+DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_decoder_batch=32, injection_alpha=0.0,
+                propagation=DEFAULT_PROPAGATION)
 
 
-@dataclass(frozen=True)
-class Settings:
-    enabled: bool
-    strategy: str
-    parallel: bool = True
-    max_batch: int = 32
-    alpha: float = 0.0
-    propagation: str = DEFAULT_PROPAGATION
-
-    @property
-    def run_config(self) -> RunConfig:
-        return RunConfig(parse_strategy(self.strategy), self.parallel, self.max_batch,
-                         forecast_settings(self.propagation))
-
-    def infotext(self) -> dict:
-        if not self.enabled:
-            return {}
-        d = {KEY_STRATEGY: str(parse_strategy(self.strategy))}
-        if not self.parallel:
-            d[KEY_PARALLEL] = False
-        if self.max_batch != DEFAULTS["max_batch"]:
-            d[KEY_MAX_BATCH] = self.max_batch
-        if self.alpha:
-            d[KEY_ALPHA] = self.alpha
-        d[KEY_PROPAGATION] = self.propagation
-        return d
+def infotext(settings: Settings) -> dict:
+    """The infotext keys of a generation with FasterDiffusion (defaults left out, propagation always)."""
+    d = {KEY_STRATEGY: str(settings.strategy)}
+    if not settings.parallel:
+        d[KEY_PARALLEL] = False
+    if settings.max_decoder_batch != DEFAULTS["max_decoder_batch"]:
+        d[KEY_MAX_BATCH] = settings.max_decoder_batch
+    if settings.injection_alpha:
+        d[KEY_ALPHA] = settings.injection_alpha
+    d[KEY_PROPAGATION] = settings.propagation
+    return d
 
 
 def _bool(v) -> bool:
@@ -77,14 +65,13 @@ def _bool(v) -> bool:
     return bool(v)
 
 
-def read_settings(p, args) -> Settings:
-    """The accordion's values (``args`` in ``ui()`` order: enabled, strategy, parallel, max_batch, alpha,
-    propagation, as positional ``alwayson_scripts`` args too, shorter lists take defaults), with XYZ overrides
-    (``p.fd_enabled``, ``p.fd_strategy``, ``p.fd_propagation``) applied.  A bad strategy raises
+def read_settings(p, args) -> Settings | None:
+    """The generation's settings from the accordion's values (``args`` in ``ARGS`` order, as positional
+    ``alwayson_scripts`` args too, shorter lists take defaults) with XYZ overrides (``p.fd_enabled``,
+    ``p.fd_strategy``, ``p.fd_propagation``) applied; None where FasterDiffusion is off.  A bad strategy raises
     StrategyError, a bad propagation ValueError."""
-    names = ("enabled", "strategy", "parallel", "max_batch", "alpha", "propagation")
     values = dict(DEFAULTS)
-    values.update({k: v for k, v in zip(names, args) if v is not None})
+    values.update({k: v for k, v in zip(ARGS, args) if v is not None})
     if getattr(p, "fd_enabled", None) is not None:
         values["enabled"] = p.fd_enabled
     if getattr(p, "fd_strategy", None) is not None:
@@ -95,13 +82,11 @@ def read_settings(p, args) -> Settings:
         values["propagation"] = p.fd_propagation
         if getattr(p, "fd_enabled", None) is None:
             values["enabled"] = True
-    s = Settings(_bool(values["enabled"]), str(values["strategy"]).strip() or "paper", _bool(values["parallel"]),
-                 max(0, int(float(values["max_batch"]))), max(0.0, float(values["alpha"])),
-                 str(values["propagation"]).strip())
-    if s.enabled:
-        parse_strategy(s.strategy)
-        forecast_settings(s.propagation)
-    return s
+    if not _bool(values["enabled"]):
+        return None
+    return Settings.of(str(values["strategy"]).strip() or "paper", _bool(values["parallel"]),
+                       max(0, int(float(values["max_decoder_batch"]))), str(values["propagation"]).strip(),
+                       injection_alpha=max(0.0, float(values["injection_alpha"])))
 
 
 def settings_from_infotext(params: dict) -> dict:
@@ -109,8 +94,8 @@ def settings_from_infotext(params: dict) -> dict:
     on = KEY_STRATEGY in params
     return dict(enabled=on, strategy=params.get(KEY_STRATEGY, DEFAULTS["strategy"]),
                 parallel=_bool(params.get(KEY_PARALLEL, True)),
-                max_batch=int(float(params.get(KEY_MAX_BATCH, DEFAULTS["max_batch"]))),
-                alpha=float(params.get(KEY_ALPHA, 0.0)),
+                max_decoder_batch=int(float(params.get(KEY_MAX_BATCH, DEFAULTS["max_decoder_batch"]))),
+                injection_alpha=float(params.get(KEY_ALPHA, 0.0)),
                 propagation=params.get(KEY_PROPAGATION, "reuse" if on else DEFAULTS["propagation"]))
 
 
@@ -137,16 +122,15 @@ def is_forge(p) -> bool:
 class Generation:
     def __init__(self, settings: Settings, p=None):
         self.settings = settings
-        self.config = settings.run_config
         self.p = p
         self.run: Run | None = None
         self.step: int | None = None
         self.reports: list[dict] = []
         self.lines: list[str] = []
         self.z_T = None
-        self._hooks: list = []          # webui_ldm.UNetHook (A1111)
+        self._hooks: list = []          # compvis.UNetHook (A1111)
         self._samplers: list = []       # sampler objects whose func we wrapped
-        self.forge = None               # webui_forge module when serving Forge
+        self.forge = None               # the forge module when serving Forge
         _ACTIVE.append(self)
 
     # --------------------------------------------------------------------------- hooks
@@ -155,13 +139,13 @@ class Generation:
         if isinstance(noise, torch.Tensor):
             self.z_T = noise
         if is_forge(p):
-            from . import webui_forge
-            self.forge = webui_forge
-            webui_forge.patch_unet(p, self)
+            from . import forge
+            self.forge = forge
+            forge.patch_unet(p, self)
         else:
             unet = p.sd_model.model.diffusion_model
-            if not any(h.unet is unet for h in self._hooks) and webui_ldm.unsupported_reason(unet) is None:
-                self._hooks.append(webui_ldm.UNetHook(unet, lambda: self.run, lambda: self.step).install())
+            if not any(h.unet is unet for h in self._hooks) and compvis.unsupported_reason(unet) is None:
+                self._hooks.append(compvis.UNetHook(unet, lambda: self.run, lambda: self.step).install())
         sampler = getattr(p, "sampler", None)
         if sampler is not None and hasattr(sampler, "func"):
             wrap_sampler(sampler, self)
@@ -189,8 +173,6 @@ class Generation:
         return p.sd_model.model.diffusion_model
 
     def bypass_for(self, p, func_name) -> str | None:
-        if not self.settings.enabled:
-            return "off"
         reason = bypass_reason(func_name)
         if reason:
             return reason
@@ -199,7 +181,7 @@ class Generation:
         if self.forge is not None:
             return self.forge.unsupported_reason(p)
         unet = self.unet(p)
-        reason = webui_ldm.unsupported_reason(unet)
+        reason = compvis.unsupported_reason(unet)
         if reason:
             return f"passing the model through unchanged: {reason}"
         sd_unet = sys.modules.get("modules.sd_unet")
@@ -228,18 +210,13 @@ class Generation:
         name = getattr(orig, "__name__", "")
         sched = self.schedule(p, sampler, kwargs)
         why = self.bypass_for(p, name)
-        if why == "off":
-            return orig(model, x, *args, **kwargs)
         if sched is None:
             why = why or (f"{name} takes no schedule to place steps on (DPM fast/adaptive"
                           f"{', or a timestep sampler on Forge' if self.forge is not None else ''}): every step ran in full")
             self._say(f"FasterDiffusion [{self.settings.strategy}]: {why}", warn=True)
             return orig(model, x, *args, **kwargs)
         schedule, timesteps, kind = sched
-        run = Run(self.config, schedule, timesteps, why, forecast_off_reason(name, len(schedule) - 1))
-        if run.plan.ignored:
-            log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
-                        run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
+        run = Run(self.settings, schedule, timesteps, why, forecast_off_reason(name, len(schedule) - 1))
         for h in self._hooks:
             h.shared = "forward" in h.unet.__dict__ and not getattr(h.unet.__dict__["forward"], "_fd_hook", None)
             if h.shared and not run.bypass:
@@ -248,18 +225,19 @@ class Generation:
         injector = self.injector(p, sampler, run, name, kind)
         self.run, self.step = run, None
         try:
-            return orig(EvaluationModel(model, self, injector), x, *args, **kwargs)
+            return orig(RunModel(model, run, injector, on_step=self._on_step), x, *args, **kwargs)
         finally:
             self.run = self.step = None
-            report = run.finish()
-            self.reports.append(report)
-            self._say(format_report(report), warn=bool(report.get("bypassed")))
+            run.close(self.reports, self._say)
             if self.p is not None and hasattr(self.p, "extra_generation_params"):
                 # in the images' infotext (written after sampling; params.txt, written before, lacks it)
                 self.p.extra_generation_params[KEY_STATS] = "; ".join(map(short_report, self.reports))
 
+    def _on_step(self, step):
+        self.step = step            # the UNet hooks place this evaluation's calls on it
+
     def injector(self, p, sampler, run, name, kind):
-        a = self.settings.alpha
+        a = self.settings.injection_alpha
         if a <= 0 or run.bypass:
             return None
         short = name.removeprefix("sample_")
@@ -312,28 +290,6 @@ def wrap_sampler(sampler, gen: Generation):
     if sampler not in gen._samplers:      # cleanup puts the original back
         gen._samplers.append(sampler)
     return fd_sampler_func
-
-
-class EvaluationModel:
-    """The sampler's model (A1111's CFGDenoiser) for one run: marks where each evaluation starts and on
-    which step it is, and injects prior noise into the sampler's own latent after on-schedule calls."""
-
-    def __init__(self, model, gen: Generation, injector):
-        self._model, self._gen, self._injector = model, gen, injector
-
-    def __call__(self, x, sigma, *args, **kwargs):
-        run = self._gen.run
-        if run is not None:
-            run.begin_evaluation()
-            s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-            self._gen.step = run.step_of(s)
-        out = self._model(x, sigma, *args, **kwargs)
-        if self._injector is None:
-            return out
-        return self._injector.after_call(x, sigma if isinstance(sigma, torch.Tensor) else torch.tensor([sigma]), out)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def describe(strategy: str, steps: int) -> str:

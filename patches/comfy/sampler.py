@@ -12,18 +12,13 @@ import torch
 
 import comfy.samplers
 
-from ..fasterdiffusion.injection import Injector
-from ..fasterdiffusion.samplers import COPYING, STATE_PASSING
-from ..fasterdiffusion.runtime import Run
-from .comfy_ldm import unsupported_reason
-from .comfy_unet import FasterDiffusionConfig, OwnsRun, begin_run, finish_run
+from ...fasterdiffusion.injection import Injector
+from ...fasterdiffusion.runtime import Run, RunModel
+from ...fasterdiffusion.samplers import COPYING, STATE_PASSING
+from .ldm import unsupported_reason
+from .unet import FasterDiffusionConfig, OwnsRun, begin_run
 
 SUPPORTED = list(STATE_PASSING + COPYING)
-
-
-class InjectionSettings:
-    def __init__(self, alpha: float, threshold: float):
-        self.alpha, self.threshold = alpha, threshold
 
 
 def check_sampler(sampler_name: str, alpha: float):
@@ -41,11 +36,11 @@ def check_sampler(sampler_name: str, alpha: float):
 class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
     """A ComfyUI SAMPLER: ``base`` (a KSAMPLER from comfy.samplers.sampler_object) run with FasterDiffusion."""
 
-    def __init__(self, sampler_name: str, config: FasterDiffusionConfig, injection: InjectionSettings):
-        check_sampler(sampler_name, injection.alpha)
+    def __init__(self, sampler_name: str, config: FasterDiffusionConfig):
+        check_sampler(sampler_name, config.settings.injection_alpha)
         base = comfy.samplers.sampler_object(sampler_name)
         super().__init__(base.sampler_function, base.extra_options, base.inpaint_options)
-        self.sampler_name, self.config, self.injection = sampler_name, config, injection
+        self.sampler_name, self.config = sampler_name, config
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -53,20 +48,21 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
         model_sampling = model_wrap.inner_model.model_sampling
         reason = unsupported_reason(model_wrap.inner_model.diffusion_model)
         if reason:   # exactly the plain sampler: no propagation, no injection; one log line (the report)
-            run = Run(self.config.run_config, sigmas.flatten().tolist(), [],
+            run = Run(self.config.settings, sigmas.flatten().tolist(), [],
                       bypass=f"passing the model through unchanged: {reason}")
             try:
                 return plain.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                     disable_pbar)
             finally:
-                finish_run(run, self.config)
+                run.close(self.config.reports, self.config.say)
         run, options = begin_run(self.config, sigmas, model_sampling, self, extra_args["model_options"])
         extra_args = dict(extra_args, model_options=options)
         injector = None
-        if self.injection.alpha > 0 and not run.bypass:
+        settings = self.config.settings
+        if settings.injection_alpha > 0 and not run.bypass:
             timesteps = model_sampling.timestep(torch.tensor(run.sigmas, dtype=torch.float32)).tolist()
             z_T = noise if denoise_mask is None else noise * denoise_mask   # inpainting: only where it samples
-            injector = Injector(run.sigmas, timesteps, z_T, self.injection.alpha, self.injection.threshold,
+            injector = Injector(run.sigmas, timesteps, z_T, settings.injection_alpha, settings.injection_threshold,
                                 lambda sigma, dx: model_sampling.calculate_denoised(sigma, torch.zeros_like(dx), dx))
             run.stats.injected_steps = injector.steps
         fn = _with_run_model(self.sampler_function, run, injector)
@@ -74,26 +70,10 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
             return comfy.samplers.KSAMPLER(fn, self.extra_options, self.inpaint_options).sample(
                 model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         finally:
-            finish_run(run, self.config)
+            run.close(self.config.reports, self.config.say)
 
 
 def _with_run_model(sampler_function, run, injector):
     def sampler_with_faster_diffusion(model, x, sigmas, *args, **kwargs):
-        return sampler_function(_RunModel(model, run, injector), x, sigmas, *args, **kwargs)
+        return sampler_function(RunModel(model, run, injector), x, sigmas, *args, **kwargs)
     return sampler_with_faster_diffusion
-
-
-class _RunModel:
-    """The k-diffusion model function of one run: marks where each evaluation starts, and injects after
-    each on-schedule call; other attributes (``inner_model`` and so on, which samplers read) pass through."""
-
-    def __init__(self, model, run: Run, injector: Injector | None):
-        self._model, self._run, self._injector = model, run, injector
-
-    def __call__(self, x, sigma, **kwargs):
-        self._run.begin_evaluation()
-        denoised = self._model(x, sigma, **kwargs)
-        return denoised if self._injector is None else self._injector.after_call(x, sigma, denoised)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)

@@ -80,13 +80,13 @@ def casts_input(cls) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
-class LdmCall:
+class CompVisCall:
     """The A1111 side of one call: SDXL's ``y`` vector and any other keyword the caller passed."""
     y: torch.Tensor | None
     kwargs: dict
 
 
-class LdmUNetAdapter:
+class CompVisSplit:
     """embed / encode / decode of the ldm or sgm UNetModel.  ``hook`` (optional) is told when the adapter
     itself runs blocks, so the block wrappers pass those calls through."""
 
@@ -136,12 +136,12 @@ class LdmUNetAdapter:
     def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:
         h = call.host
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=_rows(call.context, n),
-                       host=LdmCall(_rows(h.y, n), h.kwargs))
+                       host=CompVisCall(_rows(h.y, n), h.kwargs))
 
-    def has_decoder_control(self, call: ModelCall) -> bool:
+    def own_step_reason(self, call: ModelCall) -> str | None:
         # shared mode: another extension's forward adds its residuals in the decoder, so every step
         # decodes on its own (the runtime then runs no batched decoders and says why)
-        return self.hook is not None and self.hook.shared
+        return "ControlNet residuals change every step" if self.hook is not None and self.hook.shared else None
 
 
 class _Null:
@@ -173,7 +173,7 @@ def make_call(unet, args, kwargs, slot_extra=()) -> ModelCall | None:
         return None
     shape = lambda v: None if v is None else tuple(v.shape)
     slot = (tuple(x.shape), shape(context), shape(y)) + tuple(slot_extra)
-    return ModelCall(x, t, context, None, x.dtype, slot, LdmCall(y, {}))
+    return ModelCall(x, t, context, None, x.dtype, slot, CompVisCall(y, {}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class UNetHook:
     def __init__(self, unet, run_of, step_of):
         self.unet = unet
         self.run_of, self.step_of = run_of, step_of
-        self.adapter = LdmUNetAdapter(unet, self)
+        self.adapter = CompVisSplit(unet, self)
         self.shared = False           # another extension owns forward: sequential, host-driven decoding
         self.state: _CallState | None = None
         self._own_depth = 0

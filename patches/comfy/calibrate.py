@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..fasterdiffusion import match_step
-from ..fasterdiffusion.drift import DriftRecorder
-from .comfy_ldm import LdmUNetAdapter, make_call, unsupported_reason
-from .comfy_unet import WRAP
+from ...fasterdiffusion import match_step
+from ...fasterdiffusion.drift import DriftRecorder
+from .ldm import LdmUNetAdapter, make_call, unsupported_reason
+from .unet import WRAP
 
 
 class FeatureRecorder(DriftRecorder):
@@ -56,7 +56,11 @@ def latent_step_weights(model_sampling, schedule) -> list[float]:
 
 
 def recording_model(model, schedule, stale_outputs=False):
-    """(a clone of ``model`` that records encoder features per step, the recorder)."""
+    """(a clone of ``model`` that records encoder features per step, the recorder); ValueError saying why for a
+    model the split cannot serve (there is nothing to calibrate: Apply passes such a model through)."""
+    if reason := unsupported_reason(model.get_model_object("diffusion_model")):
+        raise ValueError(f"FasterDiffusion Calibrate cannot calibrate this model: {reason}. FasterDiffusion Apply "
+                         f"passes it through unchanged, so there are no key steps to choose")
     schedule = [float(s) for s in schedule]
     weights = latent_step_weights(model.get_model_object("model_sampling"), schedule) if stale_outputs else None
     recorder = FeatureRecorder(schedule, stale_outputs, weights)

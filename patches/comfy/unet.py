@@ -3,8 +3,8 @@
 Hooks (all public, all on a ``clone()``): an OUTER_SAMPLE wrapper that makes a fresh ``Run`` per
 sampling run (unless a FasterDiffusion sampler node owns the run), a PREDICT_NOISE wrapper that tells
 the run where each sampler evaluation starts, and a DIFFUSION_MODEL wrapper that hands every UNet call
-to the run through the ldm adapter (``comfy_ldm``).  With ``controlnet_reuse``, one run's options also
-carry a CALC_COND_BATCH wrapper that defers the ControlNets to the run (``comfy_controlnet``).  Nothing
+to the run through the ldm adapter (``ldm.py``).  With ``controlnet_reuse``, one run's options also
+carry a CALC_COND_BATCH wrapper that defers the ControlNets to the run (``controlnet.py``).  Nothing
 else in ComfyUI is touched.
 
 Where the settings and the run live, one type per key:
@@ -19,12 +19,11 @@ import logging
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..fasterdiffusion.forecast import DEFAULT_PROPAGATION, forecast_settings
-from ..fasterdiffusion.runtime import Run, RunConfig, format_report
-from ..fasterdiffusion.samplers import bypass_reason, forecast_off_reason
-from ..fasterdiffusion.strategy import Strategy
-from .comfy_controlnet import CONTROL_KEY, ControlReuse, calc_cond_batch_wrapper, fresh as fresh_control
-from .comfy_ldm import LdmUNetAdapter, make_call, unsupported_reason as unet_unsupported_reason
+from ...fasterdiffusion.runtime import Run, log_line
+from ...fasterdiffusion.samplers import bypass_reason, forecast_off_reason
+from ...fasterdiffusion.settings import Settings
+from .controlnet import CONTROL_KEY, ControlReuse, calc_cond_batch_wrapper, fresh as fresh_control
+from .ldm import LdmUNetAdapter, make_call, unsupported_reason as unet_unsupported_reason
 
 KEY = "faster_diffusion"
 RUN_KEY = "faster_diffusion_run"
@@ -33,19 +32,22 @@ log = logging.getLogger("FasterDiffusion")
 
 
 class FasterDiffusionConfig:
-    """What a FasterDiffusion node sets (immutable during a run); ``reports`` collects one stats dict per
-    finished run (read by tests and the UI)."""
+    """What a FasterDiffusion node put on the model: its ``settings`` (immutable) and its id; ``reports`` collects
+    one stats dict per finished run (read by tests and the UI)."""
 
-    def __init__(self, strategy: Strategy, parallel: bool = True, max_decoder_batch: int = 32, node_id=None,
-                 controlnet_reuse: bool = True, propagation: str = DEFAULT_PROPAGATION):
-        self.run_config = RunConfig(strategy, parallel, max_decoder_batch, forecast_settings(propagation))
+    def __init__(self, settings: Settings, node_id=None):
+        self.settings = settings
         self.node_id = node_id
-        self.controlnet_reuse = controlnet_reuse
         self.reports: list[dict] = []
 
     @property
     def strategy(self):
-        return self.run_config.strategy
+        return self.settings.strategy
+
+    def say(self, text: str, warn: bool):
+        """A run's stats line: logged, and shown on the node."""
+        log_line(text, warn)
+        show_on_node(self.node_id, text)
 
 
 class OwnsRun:
@@ -66,11 +68,12 @@ def sampler_bypass_reason(sampler) -> str | None:
     return bypass_reason(sampler_name(sampler))
 
 
-def host_feature_reason(model_options) -> str | None:
+def host_feature_reason(model_options, multigpu: bool = False) -> str | None:
     """Why a host feature on the model rules encoder propagation out for the run, or None.  EasyCache and
     LazyCache (either order of nodes) skip whole steps by their own measure: stacked on encoder propagation
     each would approximate the other's approximation.  TorchCompileModel compiles the UNet's forward with
-    our hook inside it."""
+    our hook inside it.  ComfyUI's MultiGPU CFG split (``multigpu``: the model carries MultiGPU clones) runs the
+    cond chunks of one evaluation on several devices at once, in threads."""
     holder = model_options.get("transformer_options", {}).get("easycache")
     if holder is not None:
         name = getattr(holder, "name", "EasyCache")
@@ -78,6 +81,9 @@ def host_feature_reason(model_options) -> str | None:
     if model_options.get("torch_compile_kwargs") is not None:     # set by ComfyUI's TorchCompileModel
         return ("TorchCompileModel compiled the whole UNet, which per-step encoder skipping would recompile at "
                 "every step: every step ran in full (compiled)")
+    if multigpu or model_options.get("multigpu_clones"):
+        return ("MultiGPU CFG split runs this model on several devices at once, in threads, which one run's feature "
+                "caches cannot serve: every step ran in full")
     return None
 
 
@@ -96,32 +102,24 @@ def forecast_host_reason(model_options) -> str | None:
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
               bypass: str | None = None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
-    for callers that hooked in without the Apply node)."""
+    for callers that hooked in without the Apply node).  A bypassed run's calls are counted by an APPLY_MODEL
+    wrapper, outside the UNet: under TorchCompileModel the UNet (our DIFFUSION_MODEL wrapper inside it) is one
+    compiled graph, which on ComfyUI 0.33 keeps no guards on transformer_options."""
     flat = sigmas.flatten()
-    run = Run(config.run_config, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
+    run = Run(config.settings, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
               bypass or sampler_bypass_reason(sampler) or host_feature_reason(model_options),
               forecast_off_reason(sampler_name(sampler), len(flat) - 1) or forecast_host_reason(model_options))
-    if run.plan.ignored:
-        log.warning("FasterDiffusion: strategy %s lists steps %s but this run has %d steps; they are ignored",
-                    run.plan.strategy, list(run.plan.ignored), run.plan.num_steps)
     options = comfy.model_patcher.create_model_options_clone(model_options)
     to = options["transformer_options"]
     to[RUN_KEY] = run
     wrappers = to.setdefault("wrappers", {})
     wrappers.setdefault(WRAP.DIFFUSION_MODEL, {}).setdefault(KEY, [diffusion_model_wrapper])
-    if config.controlnet_reuse and not run.bypass:
+    if run.bypass:
+        wrappers.setdefault(WRAP.APPLY_MODEL, {})[KEY] = [count_bypassed_call]
+    elif config.settings.controlnet_reuse:
         to[CONTROL_KEY] = ControlReuse(run)
         wrappers.setdefault(WRAP.CALC_COND_BATCH, {})[KEY] = [calc_cond_batch_wrapper]
     return run, options
-
-
-def finish_run(run: Run, config: FasterDiffusionConfig):
-    """Drop the run's caches; record, log and show its stats."""
-    report = run.finish()
-    config.reports.append(report)
-    text = format_report(report)
-    (log.warning if report.get("bypassed") else log.info)(text)
-    show_on_node(config.node_id, text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,13 +144,22 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     def full():
         return executor(x, timesteps, context, y, fresh_control(control), to, **kwargs)
 
-    if run is None or unet_unsupported_reason(unet) or "multigpu_thread_device" in to:
+    if run is None or run.bypass or unet_unsupported_reason(unet):
+        return full()          # a bypassed run's calls are counted outside the UNet (count_bypassed_call)
+    if "multigpu_thread_device" in to:    # a MultiGPU thread the run's set-up did not see coming: stay out
+        run.count_full_call()
         return full()
     sigmas = to.get("sigmas")
-    # a bypassed run places no call: reading the sigma would make torch.compile recompile at every step
-    step = None if run.bypass or sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
+    step = None if sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
     call = make_call(x, timesteps, context, y, control, to, kwargs, call_slot(x, to))
     return run.forward(LdmUNetAdapter(unet), call, step, full)
+
+
+def count_bypassed_call(executor, *args, **kwargs):
+    """APPLY_MODEL, in a bypassed run only: each UNet call, counted where no compiled graph can swallow it."""
+    to = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    to[RUN_KEY].count_full_call()
+    return executor(*args, **kwargs)
 
 
 def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
@@ -172,13 +179,20 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     orig = guider.model_options
     config = orig["transformer_options"][KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run, guider.model_options = begin_run(config, sigmas, guider.model_patcher.get_model_object("model_sampling"),
-                                          sampler, orig)
+    patcher = guider.model_patcher
+    run, guider.model_options = begin_run(config, sigmas, patcher.get_model_object("model_sampling"), sampler, orig,
+                                          host_feature_reason(orig, multigpu=bool(multigpu_clones(patcher))))
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = orig
-        finish_run(run, config)
+        run.close(config.reports, config.say)
+
+
+def multigpu_clones(patcher) -> list:
+    """The MultiGPU CFG split's device clones on a model (ComfyUI 0.33; none on older hosts)."""
+    get = getattr(patcher, "get_additional_models_with_key", None)
+    return list(get("multigpu")) if get is not None else []
 
 
 def show_on_node(node_id, text):
@@ -213,8 +227,7 @@ def without_faster_diffusion(model):
     return m
 
 
-def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder_batch=32, node_id=None,
-                           controlnet_reuse=True, propagation=DEFAULT_PROPAGATION):
+def apply_faster_diffusion(model, settings: Settings, node_id=None):
     """A clone of ``model`` with encoder propagation hooked in (or the model itself, with a log line,
     if it cannot be served)."""
     reason = unsupported_reason(model)
@@ -225,7 +238,7 @@ def apply_faster_diffusion(model, strategy: Strategy, parallel=True, max_decoder
     if isinstance(m.model_options["transformer_options"].get(KEY), FasterDiffusionConfig):
         log.info("FasterDiffusion: the model was already patched; the settings of the last Apply node win")
         remove_hooks(m)
-    config = FasterDiffusionConfig(strategy, parallel, max_decoder_batch, node_id, controlnet_reuse, propagation)
+    config = FasterDiffusionConfig(settings, node_id)
     m.model_options["transformer_options"][KEY] = config
     m.add_wrapper_with_key(WRAP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(WRAP.PREDICT_NOISE, KEY, predict_noise_wrapper)

@@ -32,9 +32,9 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..fasterdiffusion.onepass import MAX_K, OnePassError, ddim_timesteps, one_pass
-from ..fasterdiffusion.tiue import FINGERPRINT_KEYS, fingerprint_of_weights, read_student_metadata
-from .comfy_ldm import LdmUNetAdapter, make_call, unsupported_reason
+from ...fasterdiffusion.onepass import MAX_K, OnePassError, ddim_timesteps, one_pass
+from ...fasterdiffusion.tiue import FINGERPRINT_KEYS, fingerprint_of_weights, read_student_metadata
+from .ldm import LdmUNetAdapter, make_call, unsupported_reason
 
 KEY = "faster_diffusion_onepass"
 BOX = "faster_diffusion_onepass_box"
@@ -154,7 +154,7 @@ def student_of(model, folders=STUDENT_FOLDERS) -> dict | None:
 class Request:
     """One node run: the schedule, the cap, and what the calls did (read by the node and the tests)."""
     schedule: Schedule
-    max_rows: int = 32
+    max_decoder_batch: int = 32
     calls: list = field(default_factory=list)     # per UNet call: (rows, decoder batches)
 
 
@@ -180,10 +180,14 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     if control is not None and any(len(control.get(k) or []) for k in ("input", "middle", "output")):
         raise OnePassError("FasterDiffusion One-Pass does not take a ControlNet or T2I adapter: its decoders "
                            "all run at once on one set of encoder features")
+    if to.get("patches", {}).get("middle_block_after_patch"):
+        raise OnePassError("FasterDiffusion One-Pass cannot serve a model with a middle_block_after_patch (SUPIR): "
+                           "that patch reads each step's latent, and One-Pass decodes every step at once from the "
+                           "first; sample it with FasterDiffusion Apply and a KSampler instead")
     s = req.schedule
     call = make_call(x, timesteps, context, y, None, to, kwargs)
     res = one_pass(LdmUNetAdapter(executor.class_obj), call, s.timesteps, s.alphas_cumprod, s.final_alpha,
-                   req.max_rows, s.prediction, s.sigmas)
+                   req.max_decoder_batch, s.prediction, s.sigmas)
     box["latent"] = res.latent
     req.calls.append((call.rows, res.decoder_batches))
     return res.outputs[0]

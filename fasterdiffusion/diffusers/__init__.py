@@ -1,0 +1,47 @@
+"""FasterDiffusion for diffusers: ``handle = apply(pipe)`` on a Stable Diffusion pipeline.
+
+The integration a ``pip install`` user imports (``from fasterdiffusion.diffusers import apply``); ``import
+fasterdiffusion`` never imports diffusers.  The method itself is the engine's ``Run`` (``fasterdiffusion.runtime``);
+this package is the diffusers adapter and thin glue: ``unet.py`` (``DiffusersUNetAdapter``, the UNet split, and what
+it refuses), ``pipeline.py`` (``apply``: one run per pipeline call), ``onepass.py`` (TiUE one-pass sampling).
+
+How it hooks, and why
+  * **The UNet forward**: a diffusers ``ModelHook`` named ``faster_diffusion`` in the UNet's
+    ``HookRegistry`` (diffusers' public hook system, as its own cache hooks use).  Its ``new_forward``
+    hands every call made during a pipeline call to that call's ``Run``; anything else (a direct
+    ``unet(...)`` call, an unsupported feature) goes to the original forward unchanged.
+  * **Run boundaries = one pipeline call.**  Python looks ``pipe(...)`` up on ``type(pipe)``, so a
+    per-instance wrapper of ``__call__`` needs a per-instance subclass: ``apply`` swaps ``pipe.__class__``
+    to a subclass with the same name, module and signature whose ``__call__`` opens a call state, runs the
+    original ``__call__`` and finishes the run in ``finally`` (one ``handle.reports`` entry per call that
+    ran the UNet); ``remove`` swaps the class back.  Nothing is stored on the pipeline instance.
+  * **The schedule** is only known once the pipeline has set the scheduler's timesteps (and, for img2img,
+    its begin index), so the ``Run`` is made at the first UNet call of a pipeline call: the schedule is the
+    slice of ``pipe.scheduler.timesteps`` the loop iterates, ``[begin, begin + pipe.num_timesteps)``, with
+    ``begin`` from ``scheduler.begin_index`` where the scheduler has one (set by img2img's ``strength`` and
+    SDXL's ``denoising_start``), else ``len(timesteps) - num_timesteps`` (img2img on DDIM/PNDM, which have
+    no begin index), else 0 (SDXL ``denoising_end``) -- each candidate only if its timestep is the one the
+    first call carries.  Key steps count within each call, from that begin.
+  * **Step placement is by position in the loop.**  During a pipeline call the scheduler's ``step`` is
+    wrapped (an instance attribute with the original signature, so the pipelines' ``inspect`` checks for
+    ``eta``/``generator`` see the same parameters; removed when the call ends, so a scheduler swapped in by
+    the user is picked up at the next call).  Each ``scheduler.step`` ends one loop iteration: the position
+    advances and the run starts a new sampler evaluation (``Run.begin_evaluation``), so a second UNet call
+    in one iteration is a pass of its own.  A UNet call whose timestep is not the one its position expects
+    (PLMS repeats a timestep value: the position tells them apart), or that comes after the schedule's end,
+    runs the full UNet (counted as off-schedule).
+  * **Sigmas**: placement does not use them; the run gets the VE sigma sqrt((1 - a)/a) of each step's
+    timestep (``alphas_cumprod`` interpolated at fractional timesteps) plus a final 0, for its records.
+  * **A step** is one UNet evaluation of the loop: schedulers of order 2 (Heun, KDPM2) and PNDM (whose
+    timesteps have one more entry than ``num_inference_steps``) count each of their evaluations.
+"""
+from .unet import (MIRRORED_VERSION, ROW_WISE_PROCESSORS, DiffusersCall, DiffusersUNetAdapter, forward_arguments,
+                   make_call, row_timesteps, scheduler_bypass_reason, scheduler_forecast_off_reason,
+                   unsupported_call_reason, unsupported_processor_reason, unsupported_unet_reason)
+from .pipeline import HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle, apply, schedule_sigmas
+from .onepass import one_pass
+
+__all__ = ["apply", "one_pass", "FasterDiffusionHandle", "DiffusersUNetAdapter", "DiffusersCall", "forward_arguments",
+           "make_call", "row_timesteps", "schedule_sigmas", "scheduler_bypass_reason", "scheduler_forecast_off_reason",
+           "unsupported_call_reason", "unsupported_processor_reason", "unsupported_unet_reason", "HOOK_NAME",
+           "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS"]

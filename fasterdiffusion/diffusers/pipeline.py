@@ -1,0 +1,305 @@
+"""The diffusers glue: one ``Run`` per pipeline call (see the package docstring), ``apply`` and its handle."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.utils import USE_PEFT_BACKEND
+
+from ..forecast import DEFAULT_PROPAGATION
+from ..runtime import Run
+from ..settings import Settings
+from ..strategy import Strategy
+from .unet import (MIRRORED_VERSION, DiffusersUNetAdapter, forward_arguments, make_call, row_timesteps,
+                   scheduler_bypass_reason, scheduler_forecast_off_reason, unsupported_call_reason,
+                   unsupported_processor_reason, unsupported_unet_reason)
+
+log = logging.getLogger("FasterDiffusion")
+
+
+HOOK_NAME = "faster_diffusion"
+HANDLE_ATTR = "_faster_diffusion_handle"      # a class attribute of the per-instance subclass only
+
+# Pipelines whose denoising loop is known: one UNet call and one scheduler.step per iteration, the same
+# prompt embeddings object every iteration.  Exact classes: a subclass may change the loop.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusionXLImg2ImgPipeline", "StableDiffusionControlNetPipeline",
+                       "StableDiffusionControlNetImg2ImgPipeline")
+
+
+# --------------------------------------------------------------------------------------------------
+# The glue: one Run per pipeline call
+# --------------------------------------------------------------------------------------------------
+
+def schedule_sigmas(scheduler, timesteps: list) -> list:
+    """sqrt((1 - a)/a) at each step's timestep (``alphas_cumprod`` interpolated), then 0: the run's records."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    t = torch.tensor(timesteps, dtype=torch.float64)
+    if ac is None or len(ac) == 0:
+        return [float(v) for v in t / 1000.0] + [0.0]
+    ac = torch.as_tensor(ac).detach().to("cpu", torch.float64)
+    t = t.clamp(0, len(ac) - 1)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    a = ac[lo] + (ac[hi] - ac[lo]) * (t - lo)
+    return [float(v) for v in ((1 - a) / a).sqrt()] + [0.0]
+
+
+def loop_begin(scheduler_timesteps: list, first_t: float, begin_index, num_timesteps) -> int | None:
+    """Where in the scheduler's timesteps the pipeline's loop starts (see the module docstring)."""
+    n = len(scheduler_timesteps)
+    candidates = [begin_index, n - num_timesteps if num_timesteps else None, 0]
+    candidates += [i for i, t in enumerate(scheduler_timesteps) if _same_t(t, first_t)]
+    for c in candidates:
+        if c is not None and 0 <= c < n and _same_t(scheduler_timesteps[c], first_t):
+            return c
+    return None
+
+
+def _same_t(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+
+
+class _PipelineCall:
+    """One pipeline call: its Run (made at the first UNet call), loop position and conditioning identities."""
+
+    def __init__(self, handle: "FasterDiffusionHandle", pipe):
+        self.handle = handle
+        self.pipe = pipe
+        self.run: Run | None = None
+        self.schedule: list = []
+        self.pos = 0
+        self._objects: list = []       # conditioning tensors seen in this call (held: ids stay unique)
+
+    def end_of_iteration(self):
+        self.pos += 1
+        if self.run is not None:
+            self.run.begin_evaluation()
+
+    def _ident(self, obj) -> int:
+        if obj is None:
+            return -1
+        for i, o in enumerate(self._objects):
+            if o is obj:
+                return i
+        self._objects.append(obj)
+        return len(self._objects) - 1
+
+    def _start(self, a: dict, t: torch.Tensor):
+        pipe, sched = self.pipe, self.pipe.scheduler
+        first_t = float(t[0])
+        timesteps = [float(v) for v in torch.as_tensor(sched.timesteps).detach().flatten().to("cpu", torch.float64)]
+        begin = loop_begin(timesteps, first_t, getattr(sched, "begin_index", None), getattr(pipe, "num_timesteps", None))
+        reason = (scheduler_bypass_reason(sched) or unsupported_unet_reason(self.handle.unet)
+                  or unsupported_processor_reason(self.handle.unet) or unsupported_call_reason(a))
+        if begin is None:
+            reason = reason or (f"the first UNet call's timestep {first_t:g} is not on the scheduler's "
+                                "timesteps: every call ran in full")
+            self.schedule = [first_t]
+        else:
+            n = getattr(pipe, "num_timesteps", None)
+            end = begin + n if isinstance(n, int) and 0 < n <= len(timesteps) - begin else len(timesteps)
+            self.schedule = timesteps[begin:end]
+        if reason and not reason.endswith("in full"):
+            reason += ": every call ran in full"
+        self.run = Run(self.handle.settings, schedule_sigmas(sched, self.schedule), self.schedule, bypass=reason,
+                       forecast_off=scheduler_forecast_off_reason(sched, len(self.schedule)))
+
+    def step_of(self, t: torch.Tensor) -> int | None:
+        """The loop position if the call's timestep is the one the position expects, else None."""
+        if self.pos >= len(self.schedule):
+            return None
+        lo, hi = torch.stack([t.min(), t.max()]).double().tolist()      # one host sync per call
+        expected = self.schedule[self.pos]
+        return self.pos if _same_t(lo, expected) and _same_t(hi, expected) else None
+
+    def unet_call(self, module, original, args, kwargs):
+        a = forward_arguments(module, args, kwargs)
+        if a is None:
+            return original(*args, **kwargs)          # let the host say what is wrong with the call
+        t = row_timesteps(a["timestep"], a["sample"])
+        if self.run is None:
+            self._start(a, t)
+        step = None if unsupported_call_reason(a) else self.step_of(t)
+        cak = a["cross_attention_kwargs"]
+        lora_scale = cak.get("scale", 1.0) if cak is not None else 1.0
+        added = a["added_cond_kwargs"] or {}
+        slot = (tuple(a["sample"].shape), str(a["sample"].dtype), self._ident(a["encoder_hidden_states"]),
+                self._ident(a["class_labels"]), self._ident(added.get("text_embeds")), self._ident(added.get("time_ids")),
+                self._ident(a["attention_mask"]), self._ident(a["encoder_attention_mask"]), lora_scale)
+        call = make_call(a, slot)
+        adapter = self.handle.adapter
+        if USE_PEFT_BACKEND and lora_scale != 1.0:
+            # the forward's @apply_lora_scale, around the whole call: the split calls blocks directly
+            from diffusers.utils import scale_lora_layers, unscale_lora_layers
+            a["cross_attention_kwargs"] = call.host.cross_attention_kwargs
+            scale_lora_layers(module, lora_scale)
+            try:
+                out = self.run.forward(adapter, call, step, lambda: _sample_of(original(**a)))
+            finally:
+                unscale_lora_layers(module, lora_scale)
+        else:
+            out = self.run.forward(adapter, call, step, lambda: _sample_of(original(*args, **kwargs)))
+        return UNet2DConditionOutput(sample=out) if a["return_dict"] else (out,)
+
+
+def _sample_of(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+class _UNetHook(ModelHook):
+    """The UNet forward hook: calls during a pipeline call go to its run, the rest to the original."""
+
+    def __init__(self, handle: "FasterDiffusionHandle"):
+        super().__init__()
+        self.handle = handle
+
+    def new_forward(self, module, *args, **kwargs):
+        active = self.handle._active
+        if active is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return active.unet_call(module, self.fn_ref.original_forward, args, kwargs)
+
+
+class FasterDiffusionHandle:
+    """What ``apply`` returns: ``reports`` (one ``Run.finish()`` dict per pipeline call that ran the UNet)
+    and ``remove()``, which restores the pipeline exactly.  Also a context manager (removes on exit)."""
+
+    def __init__(self, pipe, settings: Settings):
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.settings = settings
+        self.adapter = DiffusersUNetAdapter(self.unet)
+        self.reports: list[dict] = []
+        self._active: _PipelineCall | None = None
+        self._removed = False
+        # the UNet hook (remember what the UNet had, to leave nothing behind on remove)
+        self._had_registry = hasattr(self.unet, "_diffusers_hook")
+        self._had_forward = "forward" in vars(self.unet)
+        registry = HookRegistry.check_if_exists_or_initialize(self.unet)
+        registry.register_hook(_UNetHook(self), HOOK_NAME)
+        self._forward = vars(self.unet)["forward"]
+        # the per-instance subclass that owns the pipeline call
+        self._pipe_class = type(pipe)
+        pipe.__class__ = _owning_subclass(self._pipe_class, self)
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.settings.strategy
+
+    def _pipeline_call(self, call_original, pipe, args, kwargs):
+        if self._active is not None or pipe.unet is not self.unet:
+            if pipe.unet is not self.unet:
+                log.warning("FasterDiffusion: pipe.unet was replaced after apply(); this call runs unpatched")
+            return call_original(pipe, *args, **kwargs)
+        state = _PipelineCall(self, pipe)
+        scheduler = pipe.scheduler
+        had_step = "step" in vars(scheduler)
+        step = scheduler.step
+
+        @functools.wraps(step)
+        def scheduler_step(*a, **k):
+            try:
+                return step(*a, **k)
+            finally:
+                state.end_of_iteration()
+
+        vars(scheduler)["step"] = scheduler_step
+        self._active = state
+        try:
+            return call_original(pipe, *args, **kwargs)
+        finally:
+            self._active = None
+            if had_step:
+                vars(scheduler)["step"] = step
+            else:
+                vars(scheduler).pop("step", None)
+            if state.run is not None:
+                state.run.close(self.reports)
+
+    def remove(self):
+        """Restore the pipeline and its UNet exactly as they were before ``apply``."""
+        if self._removed:
+            return
+        if self._active is not None:
+            raise RuntimeError("FasterDiffusion: remove() cannot run inside a pipeline call")
+        registry = self.unet._diffusers_hook
+        if vars(self.unet).get("forward") is not self._forward and registry._hook_order[-1:] == [HOOK_NAME]:
+            # diffusers' registry would put the original forward back over the later wrapper (e.g. accelerate's
+            # CPU offload hook) and silently break it
+            raise RuntimeError("FasterDiffusion: unet.forward was wrapped after apply() (CPU offload?); remove that "
+                               "first (pipe.remove_all_hooks()), then call remove()")
+        self._removed = True
+        if vars(type(self.pipe)).get(HANDLE_ATTR) is self:
+            self.pipe.__class__ = self._pipe_class
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if not registry.hooks:
+            if not self._had_forward:
+                vars(self.unet).pop("forward", None)
+            if not self._had_registry:
+                del self.unet._diffusers_hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def _owning_subclass(cls, handle):
+    original_call = cls.__call__
+
+    @functools.wraps(original_call)
+    def __call__(self, *args, **kwargs):
+        return handle._pipeline_call(original_call, self, args, kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+                                       HANDLE_ATTR: handle})
+
+
+def _owning_subclass_of(pipe):
+    """The class apply() put on ``pipe``, if any."""
+    cls = type(pipe)
+    return cls if HANDLE_ATTR in vars(cls) else None
+
+
+def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
+          propagation: str = DEFAULT_PROPAGATION):
+    """Patch ``pipe`` (a Stable Diffusion / SDXL / ControlNet pipeline, text-to-image or img2img) in place
+    with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
+    ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;
+    ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).
+
+    Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
+    UNet it cannot serve, and StrategyError for a bad strategy string (the message shows the grammar).
+    """
+    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation)
+    previous = _owning_subclass_of(pipe)
+    if previous is not None:
+        log.info("FasterDiffusion: the pipeline was already patched; the settings of the last apply() win")
+        vars(previous)[HANDLE_ATTR].remove()
+    import diffusers
+    if diffusers.__version__.split(".")[:2] != MIRRORED_VERSION.split(".")[:2]:
+        log.warning("FasterDiffusion: the UNet split mirrors diffusers %s; this is diffusers %s (check that "
+                    "strategy='all' gives the unpatched result)", MIRRORED_VERSION, diffusers.__version__)
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES or type(pipe).__module__.split(".")[0] != "diffusers":
+        raise TypeError(f"FasterDiffusion: {name} is not a supported pipeline (supported: "
+                        f"{', '.join(SUPPORTED_PIPELINES)})")
+    unet = getattr(pipe, "unet", None)
+    reason = unsupported_unet_reason(unet)
+    if reason:
+        raise TypeError(f"FasterDiffusion cannot serve {name}.unet: {reason}")
+    if hasattr(unet, "_hf_hook"):
+        # an accelerate hook (CPU offload) inside ours would be skipped by the split, which calls the blocks
+        raise RuntimeError("FasterDiffusion: the UNet has an accelerate hook (CPU offload): call apply() first, "
+                           "then enable_model_cpu_offload() (pipe.remove_all_hooks() removes it)")
+    return FasterDiffusionHandle(pipe, settings)
+

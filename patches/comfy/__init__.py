@@ -1,0 +1,1 @@
+"""ComfyUI: the hooks, adapters and sampler glue the nodes use."""

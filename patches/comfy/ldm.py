@@ -1,0 +1,54 @@
+"""ComfyUI's UNet adapter: the shared ldm split (``fasterdiffusion/ldm.py``) on ComfyUI's ``UNetModel`` (SD1.x,
+SD2.x, SDXL), plus ControlNet reuse (``controlnet.py``): a key step keeps each ControlNet's own residuals with its
+features, and the decoder of every step of the group sums those active at its own step.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ...fasterdiffusion import ldm
+from ...fasterdiffusion.ldm import LdmCall, make_call  # noqa: F401  (the glue's names for them)
+from ...fasterdiffusion.runtime import Features, ModelCall
+from .controlnet import DeferredControl, StepsControl, is_reused, merge_chain, reused_decoder_control
+
+
+def unsupported_reason(unet) -> str | None:
+    """Why this adapter cannot serve ``unet``, or None if it can."""
+    if type(unet) is not UNetModel:
+        return f"{type(unet).__name__} is not ComfyUI's UNetModel (SD1.x, SD2.x, SDXL)"
+    return ldm.unsupported_reason(unet)
+
+
+class LdmUNetAdapter(ldm.LdmSplit):
+    def encode(self, call: ModelCall, emb) -> Features:
+        h = call.host
+        if not isinstance(h.control, DeferredControl):
+            return super().encode(call, emb)
+        kept = h.control.own_residuals()     # the ControlNets run here, once for the group
+        feats = self.run_encoder(call, emb, merge_chain([r for _, r in kept]))
+        feats.meta.controls = kept
+        return feats
+
+    def decode(self, call: ModelCall, features: Features, emb):
+        h = call.host
+        if not is_reused(h.control):
+            return super().decode(call, features, emb)
+        return self.run_decoder(call, features, emb, reused_decoder_control(h.control, features.meta.controls))
+
+    def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:
+        big = super().tile(call, n, timesteps, sigmas)
+        control = call.host.control     # fresh residuals are per step (never batched); reused ones summed per step
+        if isinstance(control, DeferredControl):
+            big = replace(big, host=replace(big.host, control=StepsControl(control, list(sigmas.view(n, -1)[:, :1]),
+                                                                            call.rows)))
+        return big
+
+    def own_step_reason(self, call: ModelCall) -> str | None:
+        """Reused ControlNet residuals batch where the rows' sigmas are known; fresh ones never do."""
+        if isinstance(call.host.control, DeferredControl):
+            if self._after_patches(call.host.to):
+                return super().own_step_reason(call)
+            return None if call.sigmas is not None else "ControlNet residuals change every step"
+        return super().own_step_reason(call)
