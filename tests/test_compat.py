@@ -324,6 +324,19 @@ def test_inpainting_model(pack, digits, how):
 
 # ------------------------------------------------------------------------------------- other caches
 
+def check_stays_out(pack, featured, alone, conds, caplog, why):
+    """FasterDiffusion Apply on ``featured`` leaves its run alone: the result is ``alone`` bit for bit, one log line
+    says ``why``, and the stats count every call as full.  Returns the run's stats."""
+    fd, config = apply(pack, featured, KEYS)
+    with caplog.at_level(logging.INFO):
+        out = ksampler(fd, *conds)
+    assert torch.equal(out, alone)
+    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
+    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; {why}"]
+    r = config.reports[-1]
+    assert (r["full_calls"], r["cached_calls"]) == (STEPS, 0), "a bypassed run counts its calls, outside the UNet"
+    return r
+
 def cache_node(name, model):
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     node = {"EasyCache": EasyCacheNode, "LazyCache": LazyCacheNode}[name]
@@ -363,14 +376,8 @@ def test_torch_compile_model_passes_through(pack, digits, caplog):
         alone = ksampler(compiled, *conds)
     except Exception as e:      # inductor needs a C++ compiler on CPU
         pytest.skip(f"torch.compile cannot compile on this host: {type(e).__name__}: {str(e)[:200]}")
-    fd, config = apply(pack, compiled, KEYS)
-    with caplog.at_level(logging.INFO):
-        out = ksampler(fd, *conds)
-    assert torch.equal(out, alone)
-    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
-    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; TorchCompileModel compiled the whole UNet, which "
-                     "per-step encoder skipping would recompile at every step: every step ran in full (compiled)"]
-    assert config.reports[-1]["full_calls"] == STEPS
+    check_stays_out(pack, compiled, alone, conds, caplog, "TorchCompileModel compiled the whole UNet, which per-step "
+                    "encoder skipping would recompile at every step: every step ran in full (compiled)")
 
 
 def test_multigpu_cfg_split_runs_in_full_and_says_so(pack, digits, caplog):
@@ -382,15 +389,9 @@ def test_multigpu_cfg_split_runs_in_full_and_says_so(pack, digits, caplog):
     conds = conditioning(tok)
     split = model.clone()
     split.set_additional_models("multigpu", [model.clone()])
-    alone = ksampler(split, *conds)
-    fd, config = apply(pack, split, KEYS)
-    with caplog.at_level(logging.INFO):
-        out = ksampler(fd, *conds)
-    assert torch.equal(out, alone)
-    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
-    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; MultiGPU CFG split runs this model on several devices "
-                     "at once, in threads, which one run's feature caches cannot serve: every step ran in full"]
-    assert config.reports[-1]["full_calls"] == STEPS and config.reports[-1]["cached_calls"] == 0
+    check_stays_out(pack, split, ksampler(split, *conds), conds, caplog, "MultiGPU CFG split runs this model on "
+                    "several devices at once, in threads, which one run's feature caches cannot serve: every step ran "
+                    "in full")
     plain, config = apply(pack, model, KEYS)
     ksampler(plain, *conds)
     assert config.reports[-1]["cached_calls"] > 0, "without the clones the same model is served"

@@ -4,8 +4,9 @@ Hooks (all public, all on a ``clone()``): an OUTER_SAMPLE wrapper that makes a f
 sampling run (unless a FasterDiffusion sampler node owns the run), a PREDICT_NOISE wrapper that tells
 the run where each sampler evaluation starts, and a DIFFUSION_MODEL wrapper that hands every UNet call
 to the run through the ldm adapter (``ldm.py``).  With ``controlnet_reuse``, one run's options also
-carry a CALC_COND_BATCH wrapper that defers the ControlNets to the run (``controlnet.py``).  Nothing
-else in ComfyUI is touched.
+carry a CALC_COND_BATCH wrapper that defers the ControlNets to the run (``controlnet.py``); a bypassed
+run's options carry an APPLY_MODEL wrapper that counts its calls outside the UNet.  Nothing else in ComfyUI
+is touched.
 
 Where the settings and the run live, one type per key:
   transformer_options["faster_diffusion"]      FasterDiffusionConfig  (the Apply node's settings)
