@@ -195,8 +195,8 @@ def main():
 
     def fd(strategy, alpha=0.0, steps=STEPS, propagation="reuse"):
         def run(labels, seed, cap=0):
-            config = cu.FasterDiffusionConfig(cu.Settings.of(strategy, True, cap, propagation))
-            sampler = cs.KSamplerWithFasterDiffusion(SAMPLER, config, cs.InjectionSettings(alpha, 500.0))
+            settings = cu.Settings.of(strategy, True, cap, propagation, injection_alpha=alpha, injection_threshold=500.0)
+            sampler = cs.KSamplerWithFasterDiffusion(SAMPLER, cu.FasterDiffusionConfig(settings))
             return sample(model, sampler, steps, labels, seed)
         return run
 
