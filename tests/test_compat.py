@@ -324,15 +324,16 @@ def test_inpainting_model(pack, digits, how):
 
 # ------------------------------------------------------------------------------------- other caches
 
-def check_stays_out(pack, featured, alone, conds, caplog, why):
+def check_stays_out(pack, featured, alone, conds, caplog, why, keys=KEYS):
     """FasterDiffusion Apply on ``featured`` leaves its run alone: the result is ``alone`` bit for bit, one log line
     says ``why``, and the stats count every call as full.  Returns the run's stats."""
-    fd, config = apply(pack, featured, KEYS)
+    fd, config = apply(pack, featured, keys)
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         out = ksampler(fd, *conds)
     assert torch.equal(out, alone)
     lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
-    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; {why}"]
+    assert lines == [f"FasterDiffusion [{keys}]: {STEPS} steps; {why}"]
     r = config.reports[-1]
     assert (r["full_calls"], r["cached_calls"]) == (STEPS, 0), "a bypassed run counts its calls, outside the UNet"
     return r
@@ -364,10 +365,14 @@ def test_easycache_and_lazycache_pass_through(pack, digits, caplog, name, order)
     assert config.reports[-1]["cached_calls"] == 0
 
 
-def test_torch_compile_model_passes_through(pack, digits, caplog):
-    """TorchCompileModel compiles the UNet's whole forward, FasterDiffusion's hook inside it: placing each
-    call on its step would recompile at every step (minutes on CPU, then dynamo's recompile limit and eager
-    code).  FasterDiffusion stays out of such a run with one log line; the compiled model runs as without it."""
+def test_torch_compile_model(pack, digits, caplog):
+    """TorchCompileModel compiles the UNet's whole forward with FasterDiffusion's hook inside it.  Where the compiled
+    UNet keeps guards on transformer_options (0.3.75), a run that skips steps serves outside dynamo's trace with the
+    split's encoder and decoder compiled instead: one graph for the encoder, one per power-of-two bucket of decoder
+    rows, none per step, the same image as the eager run within float noise.
+    Where it keeps none (0.33), and for a run with nothing to skip, FasterDiffusion leaves the compiled UNet alone
+    (bit for bit) with one log line; either way the stats count every call."""
+    from importlib import import_module
     from comfy_extras.nodes_torch_compile import TorchCompileModel
     model, tok = digits
     conds = conditioning(tok)
@@ -376,8 +381,31 @@ def test_torch_compile_model_passes_through(pack, digits, caplog):
         alone = ksampler(compiled, *conds)
     except Exception as e:      # inductor needs a C++ compiler on CPU
         pytest.skip(f"torch.compile cannot compile on this host: {type(e).__name__}: {str(e)[:200]}")
-    check_stays_out(pack, compiled, alone, conds, caplog, "TorchCompileModel compiled the whole UNet, which per-step "
-                    "encoder skipping would recompile at every step: every step ran in full (compiled)")
+    check_stays_out(pack, compiled, alone, conds, caplog, "TorchCompileModel: every step is a key step, so the "
+                    "compiled UNet ran every step in full, untouched", keys="all")
+    settings = compiled.model_options["torch_compile_kwargs"]
+    compile_glue = import_module(pack.cu.__name__.rsplit(".", 1)[0] + ".compile")
+    if not compile_glue.keeps_guards(settings):
+        check_stays_out(pack, compiled, alone, conds, caplog, "TorchCompileModel compiled the whole UNet without "
+                        "guards on transformer_options, so per-step encoder skipping cannot run inside it: every "
+                        "step ran in full (compiled)")
+        return
+    eager, config = apply(pack, model, KEYS)
+    reference = ksampler(eager, *conds)
+    fd, config = apply(pack, compiled, KEYS)
+    out = ksampler(fd, *conds)
+    r = config.reports[-1]
+    assert not r.get("bypassed") and (r["encoder_calls"], r["cached_calls"]) == (5, 5), r
+    assert float((out - reference).norm() / reference.norm()) < 1e-4
+    split = compile_glue.compiled_split(model.model.diffusion_model, settings)
+    assert split.graphs == {"encoder": 1, "decoder": 1}, split.graphs     # 2 steps x 2 rows: the bucket of 4
+    (uneven,) = pack.Apply.execute(compiled, "0,3,4,7", True, 32)       # groups of 3, 1, 3 and 3 steps
+    ksampler(uneven, *conds)
+    # two buckets more: 8 rows for the three groups of 3 steps (6 rows), 2 for the lone key step's own decoder
+    assert split.graphs == {"encoder": 1, "decoder": 3}, split.graphs
+    ksampler(fd, *conds)
+    ksampler(uneven, *conds)
+    assert split.graphs == {"encoder": 1, "decoder": 3}, "later runs compile nothing"
 
 
 def test_multigpu_cfg_split_runs_in_full_and_says_so(pack, digits, caplog):

@@ -16,7 +16,7 @@ from ...fasterdiffusion.injection import Injector
 from ...fasterdiffusion.runtime import Run, RunModel
 from ...fasterdiffusion.samplers import COPYING, STATE_PASSING
 from .ldm import unsupported_reason
-from .unet import FasterDiffusionConfig, OwnsRun, begin_run
+from .unet import FasterDiffusionConfig, OwnsRun, begin_run, end_run
 
 SUPPORTED = list(STATE_PASSING + COPYING)
 
@@ -70,7 +70,7 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
             return comfy.samplers.KSAMPLER(fn, self.extra_options, self.inpaint_options).sample(
                 model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         finally:
-            run.close(self.config.reports, self.config.say)
+            end_run(run, options, self.config)
 
 
 def _with_run_model(sampler_function, run, injector):

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 import comfy.model_patcher
 import comfy.patcher_extension
 
 from ...fasterdiffusion.runtime import Run, log_line
 from ...fasterdiffusion.samplers import bypass_reason, forecast_off_reason
 from ...fasterdiffusion.settings import Settings
+from ...fasterdiffusion.strategy import make_plan
+from .compile import CompiledAdapter, compile_settings, compiled_split, keeps_guards
 from .controlnet import CONTROL_KEY, ControlReuse, calc_cond_batch_wrapper, fresh as fresh_control
 from .ldm import LdmUNetAdapter, make_call, unsupported_reason as unet_unsupported_reason
 
 KEY = "faster_diffusion"
 RUN_KEY = "faster_diffusion_run"
+COMPILE_KEY = "faster_diffusion_compile"      # a served run under TorchCompileModel: its compile settings
 WRAP = comfy.patcher_extension.WrappersMP
 log = logging.getLogger("FasterDiffusion")
 
@@ -73,15 +78,13 @@ def host_feature_reason(model_options, multigpu: bool = False) -> str | None:
     """Why a host feature on the model rules encoder propagation out for the run, or None.  EasyCache and
     LazyCache (either order of nodes) skip whole steps by their own measure: stacked on encoder propagation
     each would approximate the other's approximation.  TorchCompileModel compiles the UNet's forward with
-    our hook inside it.  ComfyUI's MultiGPU CFG split (``multigpu``: the model carries MultiGPU clones) runs the
+    our hook inside it: a run that has nothing to skip leaves it alone (``begin_run``); one that serves compiles
+    the split instead (``compile.py``).  ComfyUI's MultiGPU CFG split (``multigpu``: the model carries MultiGPU clones) runs the
     cond chunks of one evaluation on several devices at once, in threads."""
     holder = model_options.get("transformer_options", {}).get("easycache")
     if holder is not None:
         name = getattr(holder, "name", "EasyCache")
         return f"{name} is also applied to this model: every step ran in full, {name} alone decides what to skip"
-    if model_options.get("torch_compile_kwargs") is not None:     # set by ComfyUI's TorchCompileModel
-        return ("TorchCompileModel compiled the whole UNet, which per-step encoder skipping would recompile at "
-                "every step: every step ran in full (compiled)")
     if multigpu or model_options.get("multigpu_clones"):
         return ("MultiGPU CFG split runs this model on several devices at once, in threads, which one run's feature "
                 "caches cannot serve: every step ran in full")
@@ -100,6 +103,19 @@ def forecast_host_reason(model_options) -> str | None:
     return None
 
 
+def compiled_run_reason(settings: dict, plan) -> str | None:
+    """Why a run on a TorchCompileModel model leaves the compiled UNet alone, or None (it serves, compiling the split
+    instead: ``compile.py``)."""
+    if all(len(g) == 1 for g in plan.groups):
+        return "TorchCompileModel: every step is a key step, so the compiled UNet ran every step in full, untouched"
+    if not keeps_guards(settings):
+        # ComfyUI 0.33: the compiled UNet keeps no guards on transformer_options, so a graph traced without the
+        # run's hook would be replayed for the run's calls; nothing of the run may depend on being traced
+        return ("TorchCompileModel compiled the whole UNet without guards on transformer_options, so per-step "
+                "encoder skipping cannot run inside it: every step ran in full (compiled)")
+    return None
+
+
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
               bypass: str | None = None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
@@ -107,14 +123,20 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
     wrapper, outside the UNet: under TorchCompileModel the UNet (our DIFFUSION_MODEL wrapper inside it) is one
     compiled graph, which on ComfyUI 0.33 keeps no guards on transformer_options."""
     flat = sigmas.flatten()
+    bypass = bypass or sampler_bypass_reason(sampler) or host_feature_reason(model_options)
+    compiled = compile_settings(model_options)
+    if compiled is not None and not bypass:
+        bypass = compiled_run_reason(compiled, make_plan(config.settings.strategy, len(flat) - 1))
     run = Run(config.settings, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
-              bypass or sampler_bypass_reason(sampler) or host_feature_reason(model_options),
-              forecast_off_reason(sampler_name(sampler), len(flat) - 1) or forecast_host_reason(model_options))
+              bypass, forecast_off_reason(sampler_name(sampler), len(flat) - 1) or forecast_host_reason(model_options))
     options = comfy.model_patcher.create_model_options_clone(model_options)
     to = options["transformer_options"]
     to[RUN_KEY] = run
     wrappers = to.setdefault("wrappers", {})
     wrappers.setdefault(WRAP.DIFFUSION_MODEL, {}).setdefault(KEY, [diffusion_model_wrapper])
+    if compiled is not None and not run.bypass:     # the run outside dynamo's trace; the split compiled instead
+        to[COMPILE_KEY] = compiled
+        wrappers[WRAP.DIFFUSION_MODEL][KEY] = [untraced_diffusion_model_wrapper]
     if run.bypass:
         wrappers.setdefault(WRAP.APPLY_MODEL, {})[KEY] = [count_bypassed_call]
     elif config.settings.controlnet_reuse:
@@ -153,7 +175,23 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     sigmas = to.get("sigmas")
     step = None if sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
     call = make_call(x, timesteps, context, y, control, to, kwargs, call_slot(x, to))
-    return run.forward(LdmUNetAdapter(unet), call, step, full)
+    compiled = to.get(COMPILE_KEY)
+    adapter = LdmUNetAdapter(unet) if compiled is None else CompiledAdapter(unet, compiled_split(unet, compiled))
+    return run.forward(adapter, call, step, full)
+
+
+# TorchCompileModel compiles the UNet's forward with the DIFFUSION_MODEL wrapper in it: a served run's wrapper runs
+# outside dynamo's trace (its decisions are per step), and its encoder and decoder passes are compiled on their own.
+untraced_diffusion_model_wrapper = torch.compiler.disable(diffusion_model_wrapper)
+
+
+def end_run(run: Run, options: dict, config: FasterDiffusionConfig):
+    """Close the run ``begin_run`` made (with its ``options``): its stats kept, logged and shown.  A served run under
+    TorchCompileModel that no call reached says so (a compiled graph traced without the hook replayed it)."""
+    s = run.stats
+    if COMPILE_KEY in options["transformer_options"] and s.full_calls + s.encoder_calls + s.cached_calls == 0:
+        s.bypassed = "TorchCompileModel's compiled UNet never called FasterDiffusion: every step ran in full (compiled)"
+    run.close(config.reports, config.say)
 
 
 def count_bypassed_call(executor, *args, **kwargs):
@@ -183,11 +221,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     patcher = guider.model_patcher
     run, guider.model_options = begin_run(config, sigmas, patcher.get_model_object("model_sampling"), sampler, orig,
                                           host_feature_reason(orig, multigpu=bool(multigpu_clones(patcher))))
+    options = guider.model_options
     try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = orig
-        run.close(config.reports, config.say)
+        end_run(run, options, config)
 
 
 def multigpu_clones(patcher) -> list:
