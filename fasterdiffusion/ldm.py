@@ -122,9 +122,9 @@ def host_forward(cls) -> HostForward:
 
 
 def unsupported_reason(unet) -> str | None:
-    """Why the split cannot serve this UNetModel (checked by the host that it is the ldm family's), or None."""
-    if getattr(unet, "use_temporal_resblocks", False):
-        return "video UNets (SVD) are not supported yet"
+    """Why the split cannot serve this UNetModel (checked by the host that it is the ldm family's), or None.  Video
+    UNets (SVD: temporal res blocks and attention, frames folded into the batch) are served: a batched decoder call
+    stacks whole calls step-major, so every video keeps its frames together."""
     return host_forward(type(unet)).difference
 
 
@@ -302,8 +302,11 @@ class LdmSplit:
             per_step = sigmas.view(n, -1)
             to["sigmas"] = per_step.repeat(1, b // per_step.shape[1]).flatten()
         to["original_shape"] = [b * n] + list(hc.to.get("original_shape", [b]))[1:]
+        # tensors among the extra arguments are per row or per video (SVD's time_context, image_only_indicator):
+        # stacked step-major like the rows; num_video_frames stays the frames of one video
+        kwargs = {k: repeat_rows(v, n) if isinstance(v, torch.Tensor) else v for k, v in hc.kwargs.items()}
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=repeat_rows(call.context, n),
-                       host=LdmCall(repeat_rows(hc.y, n), None, to, hc.kwargs))
+                       host=LdmCall(repeat_rows(hc.y, n), None, to, kwargs))
 
     def own_step_reason(self, call: ModelCall) -> str | None:
         """Why this call's decoder must run on the step's own call, never in a batch of steps, or None."""

@@ -246,6 +246,23 @@ def sdxl_tiny_model(seed: int = 0):
     return build_model_patcher(mc, seed=seed)
 
 
+def svd_tiny_model(seed: int = 0):
+    """A random-weight SVD-shaped (image-to-video) model: ComfyUI's ``UNetModel`` with temporal res blocks and
+    temporal attention (``SVD_img2vid``), ADM ``y`` (768), the init latent concatenated (8 input channels).  Every
+    latent of a batch is one frame of one video (``num_video_frames`` = the batch)."""
+    import comfy.supported_models
+    cfg = dict(image_size=LATENT_SIZE, in_channels=8, out_channels=4, model_channels=32,
+               num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+               transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM,
+               use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+               adm_in_channels=768, num_classes="sequential", use_temporal_attention=True,
+               use_temporal_resblock=True, use_checkpoint=False, extra_ff_mix_layer=True, use_spatial_context=True,
+               merge_strategy="learned_with_images", video_kernel_size=[3, 1, 1])
+    mc = comfy.supported_models.SVD_img2vid(cfg)
+    mc.unet_config.update(num_heads=2, num_head_channels=-1)
+    return build_model_patcher(mc, seed=seed)
+
+
 def vpred_tiny_model(seed: int = 0):
     """A random-weight v-prediction model (SD2.x-768 parametrisation) of the digits architecture."""
     import comfy.model_base
