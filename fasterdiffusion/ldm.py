@@ -49,10 +49,9 @@ KNOWN = {
 }
 
 
-def forward_outline(source: str) -> dict[str, set[str]]:
-    """The attributes of ``self``, module functions and string keys a forward's source uses (formatting and
+def forward_outline(tree: ast.AST) -> dict[str, set[str]]:
+    """The attributes of ``self``, module functions and string keys a forward's parsed source uses (formatting and
     comments do not count)."""
-    tree = ast.parse(textwrap.dedent(source))
     local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     out = {"self": set(), "calls": set(), "keys": set()}
     for node in ast.walk(tree):
@@ -88,8 +87,8 @@ class HostForward:
 
 def read_forward(source: str) -> HostForward:
     """The ``HostForward`` of a forward's source."""
-    outline = forward_outline(source)
     tree = ast.parse(textwrap.dedent(source))
+    outline = forward_outline(tree)
     optional_skip = any(isinstance(n, ast.Compare) and isinstance(n.left, ast.Name) and n.left.id == "hsp"
                         and isinstance(n.ops[0], ast.IsNot) for n in ast.walk(tree))
     returns = [n.value for n in ast.walk(tree) if isinstance(n, ast.Return) and n.value is not None]

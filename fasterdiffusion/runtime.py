@@ -332,12 +332,11 @@ class RunModel:
 
     def __call__(self, x, sigma, *args, **kwargs):
         self._run.begin_evaluation()
+        sigmas = sigma if isinstance(sigma, torch.Tensor) else torch.tensor([float(sigma)])
         if self._on_step is not None:
-            self._on_step(self._run.step_of(float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)))
+            self._on_step(self._run.step_of(float(sigmas.flatten()[0])))
         out = self._model(x, sigma, *args, **kwargs)
-        if self._injector is None:
-            return out
-        return self._injector.after_call(x, sigma if isinstance(sigma, torch.Tensor) else torch.tensor([sigma]), out)
+        return out if self._injector is None else self._injector.after_call(x, sigmas, out)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

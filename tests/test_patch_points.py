@@ -51,24 +51,20 @@ def skip_none(h, hsp, to):
     return torch.cat([h, 0.7 * hsp], dim=1), None
 
 
-def embed_patch(layer_type, scale):
+def embed_patch(oai, layer_type, scale):
+    """A ``forward_timestep_embed_patch`` on ``layer_type`` of the host's openaimodel ``oai``: the layer, scaled."""
     def handler(layer, x, emb, context, to, output_shape, *rest):
-        if isinstance(layer, host_oai().TimestepBlock):
+        if isinstance(layer, oai.TimestepBlock):
             return layer(x, emb) * scale
         return layer(x) * scale
     return (layer_type, handler)
 
 
-def host_oai():
-    from comfy.ldm.modules.diffusionmodules import openaimodel
-    return openaimodel
-
-
 PATCHES = {
     "middle_block_after_patch": lambda oai: {"middle_block_after_patch": [AfterPatch()]},
     "output_block_patch hsp=None": lambda oai: {"output_block_patch": [skip_none]},
-    "forward_timestep_embed_patch Downsample": lambda oai: {"forward_timestep_embed_patch": [embed_patch(oai.Downsample, 1.05)]},
-    "forward_timestep_embed_patch ResBlock": lambda oai: {"forward_timestep_embed_patch": [embed_patch(oai.ResBlock, 0.97)]},
+    "forward_timestep_embed_patch Downsample": lambda oai: {"forward_timestep_embed_patch": [embed_patch(oai, oai.Downsample, 1.05)]},
+    "forward_timestep_embed_patch ResBlock": lambda oai: {"forward_timestep_embed_patch": [embed_patch(oai, oai.ResBlock, 0.97)]},
 }
 NEEDS = {"middle_block_after_patch": "middle_after_patch", "output_block_patch hsp=None": "optional_skip"}
 

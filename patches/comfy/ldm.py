@@ -47,8 +47,7 @@ class LdmUNetAdapter(ldm.LdmSplit):
 
     def own_step_reason(self, call: ModelCall) -> str | None:
         """Reused ControlNet residuals batch where the rows' sigmas are known; fresh ones never do."""
-        if isinstance(call.host.control, DeferredControl):
-            if self._after_patches(call.host.to):
-                return super().own_step_reason(call)
-            return None if call.sigmas is not None else "ControlNet residuals change every step"
-        return super().own_step_reason(call)
+        reason = super().own_step_reason(call)
+        if reason is None and isinstance(call.host.control, DeferredControl) and call.sigmas is None:
+            return "ControlNet residuals change every step"
+        return reason

@@ -117,13 +117,14 @@ def compiled_run_reason(settings: dict, plan) -> str | None:
 
 
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
-              bypass: str | None = None) -> tuple[Run, dict]:
+              multigpu: bool = False) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
-    for callers that hooked in without the Apply node).  A bypassed run's calls are counted by an APPLY_MODEL
-    wrapper, outside the UNet: under TorchCompileModel the UNet (our DIFFUSION_MODEL wrapper inside it) is one
-    compiled graph, which on ComfyUI 0.33 keeps no guards on transformer_options."""
+    for callers that hooked in without the Apply node); ``multigpu``: the model carries MultiGPU clones that
+    ``model_options`` does not show yet (the Apply hook runs before ComfyUI prepares them).  A bypassed run's calls
+    are counted by an APPLY_MODEL wrapper, outside the UNet: under TorchCompileModel the UNet (our DIFFUSION_MODEL
+    wrapper inside it) is one compiled graph, which on ComfyUI 0.33 keeps no guards on transformer_options."""
     flat = sigmas.flatten()
-    bypass = bypass or sampler_bypass_reason(sampler) or host_feature_reason(model_options)
+    bypass = sampler_bypass_reason(sampler) or host_feature_reason(model_options, multigpu)
     compiled = compile_settings(model_options)
     if compiled is not None and not bypass:
         bypass = compiled_run_reason(compiled, make_plan(config.settings.strategy, len(flat) - 1))
@@ -220,7 +221,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     patcher = guider.model_patcher
     run, guider.model_options = begin_run(config, sigmas, patcher.get_model_object("model_sampling"), sampler, orig,
-                                          host_feature_reason(orig, multigpu=bool(multigpu_clones(patcher))))
+                                          multigpu=bool(multigpu_clones(patcher)))
     options = guider.model_options
     try:
         return executor(*args, **kwargs)
