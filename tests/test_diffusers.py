@@ -604,10 +604,10 @@ def test_other_unet_classes_and_configurations_are_refused():
 
     class MyUNet(diffusers.UNet2DConditionModel):
         pass
-    for unet, words in [(MyUNet(**dt.SD15_UNET), "MyUNet is not diffusers' UNet2DConditionModel"),
+    for unet, words in [(MyUNet(**dt.SD15_UNET), "MyUNet is not one of the UNet classes"),
                         (diffusers.UNet2DModel(block_out_channels=(8, 16), norm_num_groups=4,
                                                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
-                         "UNet2DModel is not diffusers' UNet2DConditionModel"),
+                         "UNet2DModel is not one of the UNet classes"),
                         (dt.unet(time_cond_proj_dim=8), "time_cond_proj_dim=8")]:
         other = diffusers.StableDiffusionPipeline(**{**pipe.components, "unet": unet})
         with pytest.raises(TypeError, match=words):

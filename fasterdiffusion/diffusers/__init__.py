@@ -2,8 +2,9 @@
 
 The integration a ``pip install`` user imports (``from fasterdiffusion.diffusers import apply``); ``import
 fasterdiffusion`` never imports diffusers.  The method itself is the engine's ``Run`` (``fasterdiffusion.runtime``);
-this package is the diffusers adapter and thin glue: ``unet.py`` (``DiffusersUNetAdapter``, the UNet split, and what
-it refuses), ``pipeline.py`` (``apply``: one run per pipeline call), ``onepass.py`` (TiUE one-pass sampling).
+this package is the diffusers adapters and thin glue: one adapter per UNet class (``unet.py``: ``DiffusersUNetAdapter``
+for ``UNet2DConditionModel``, its split and what it refuses), ``pipeline.py`` (``apply``: one run per pipeline call;
+``ADAPTERS`` says which adapter serves which UNet class), ``onepass.py`` (TiUE one-pass sampling).
 
 How it hooks, and why
   * **The UNet forward**: a diffusers ``ModelHook`` named ``faster_diffusion`` in the UNet's
@@ -37,11 +38,12 @@ How it hooks, and why
 """
 from .unet import (MIRRORED_VERSION, ROW_WISE_PROCESSORS, DiffusersCall, DiffusersUNetAdapter, forward_arguments,
                    make_call, row_timesteps, scheduler_bypass_reason, scheduler_forecast_off_reason,
-                   unsupported_call_reason, unsupported_processor_reason, unsupported_unet_reason)
-from .pipeline import HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle, apply, schedule_sigmas
+                   unsupported_call_reason, unsupported_processor_reason)
+from .pipeline import (ADAPTERS, HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle, adapter_class, apply,
+                       schedule_sigmas, unsupported_unet_reason)
 from .onepass import one_pass
 
 __all__ = ["apply", "one_pass", "FasterDiffusionHandle", "DiffusersUNetAdapter", "DiffusersCall", "forward_arguments",
            "make_call", "row_timesteps", "schedule_sigmas", "scheduler_bypass_reason", "scheduler_forecast_off_reason",
            "unsupported_call_reason", "unsupported_processor_reason", "unsupported_unet_reason", "HOOK_NAME",
-           "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS"]
+           "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS", "ADAPTERS", "adapter_class"]

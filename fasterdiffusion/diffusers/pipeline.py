@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 
 import torch
 
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.utils import USE_PEFT_BACKEND
 
 from ..forecast import DEFAULT_PROPAGATION
 from ..runtime import Run
 from ..settings import Settings
 from ..strategy import Strategy
-from .unet import (MIRRORED_VERSION, DiffusersUNetAdapter, forward_arguments, make_call, row_timesteps,
-                   scheduler_bypass_reason, scheduler_forecast_off_reason, unsupported_call_reason,
-                   unsupported_processor_reason, unsupported_unet_reason)
+from .unet import MIRRORED_VERSION, scheduler_bypass_reason, scheduler_forecast_off_reason, unsupported_processor_reason
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -30,6 +28,28 @@ HANDLE_ATTR = "_faster_diffusion_handle"      # a class attribute of the per-ins
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
                        "StableDiffusionXLImg2ImgPipeline", "StableDiffusionControlNetPipeline",
                        "StableDiffusionControlNetImg2ImgPipeline")
+
+# The UNet classes served (exact classes of diffusers), each with the adapter that mirrors its forward
+# ("module:class" in this package, imported when a pipeline has that UNet).
+ADAPTERS = {"UNet2DConditionModel": ".unet:DiffusersUNetAdapter"}
+
+
+def adapter_class(unet):
+    """The adapter class for ``unet``'s class, or None where none mirrors it."""
+    entry = ADAPTERS.get(type(unet).__name__)
+    if entry is None or type(unet).__module__.split(".")[0] != "diffusers":
+        return None
+    module, name = entry.split(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
+def unsupported_unet_reason(unet) -> str | None:
+    """Why no adapter can serve ``unet`` (its class or configuration), or None."""
+    cls = adapter_class(unet)
+    if cls is None:
+        return (f"{type(unet).__name__} is not one of the UNet classes FasterDiffusion's diffusers adapters mirror "
+                f"({', '.join(ADAPTERS)})")
+    return cls.unsupported_reason(unet)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +116,7 @@ class _PipelineCall:
         timesteps = [float(v) for v in torch.as_tensor(sched.timesteps).detach().flatten().to("cpu", torch.float64)]
         begin = loop_begin(timesteps, first_t, getattr(sched, "begin_index", None), getattr(pipe, "num_timesteps", None))
         reason = (scheduler_bypass_reason(sched) or unsupported_unet_reason(self.handle.unet)
-                  or unsupported_processor_reason(self.handle.unet) or unsupported_call_reason(a))
+                  or unsupported_processor_reason(self.handle.unet) or self.handle.adapter.call_reason(a))
         if begin is None:
             reason = reason or (f"the first UNet call's timestep {first_t:g} is not on the scheduler's "
                                 "timesteps: every call ran in full")
@@ -119,25 +139,22 @@ class _PipelineCall:
         return self.pos if _same_t(lo, expected) and _same_t(hi, expected) else None
 
     def unet_call(self, module, original, args, kwargs):
-        a = forward_arguments(module, args, kwargs)
+        adapter = self.handle.adapter
+        a = adapter.arguments(args, kwargs)
         if a is None:
             return original(*args, **kwargs)          # let the host say what is wrong with the call
-        t = row_timesteps(a["timestep"], a["sample"])
-        if self.run is None:
-            self._start(a, t)
-        step = None if unsupported_call_reason(a) else self.step_of(t)
-        cak = a["cross_attention_kwargs"]
+        cak = a.get("cross_attention_kwargs")
         lora_scale = cak.get("scale", 1.0) if cak is not None else 1.0
-        added = a["added_cond_kwargs"] or {}
-        slot = (tuple(a["sample"].shape), str(a["sample"].dtype), self._ident(a["encoder_hidden_states"]),
-                self._ident(a["class_labels"]), self._ident(added.get("text_embeds")), self._ident(added.get("time_ids")),
-                self._ident(a["attention_mask"]), self._ident(a["encoder_attention_mask"]), lora_scale)
-        call = make_call(a, slot)
-        adapter = self.handle.adapter
+        sample = next(iter(a.values()))               # the forward's first argument
+        slot = (tuple(sample.shape), str(sample.dtype), *map(self._ident, adapter.conditioning(a)), lora_scale)
+        call = adapter.make_call(a, slot)
+        if self.run is None:
+            self._start(a, call.timesteps)
+        step = None if adapter.call_reason(a) else self.step_of(call.timesteps)
         if USE_PEFT_BACKEND and lora_scale != 1.0:
             # the forward's @apply_lora_scale, around the whole call: the split calls blocks directly
             from diffusers.utils import scale_lora_layers, unscale_lora_layers
-            a["cross_attention_kwargs"] = call.host.cross_attention_kwargs
+            a["cross_attention_kwargs"] = {k: v for k, v in cak.items() if k != "scale"}
             scale_lora_layers(module, lora_scale)
             try:
                 out = self.run.forward(adapter, call, step, lambda: _sample_of(original(**a)))
@@ -145,7 +162,7 @@ class _PipelineCall:
                 unscale_lora_layers(module, lora_scale)
         else:
             out = self.run.forward(adapter, call, step, lambda: _sample_of(original(*args, **kwargs)))
-        return UNet2DConditionOutput(sample=out) if a["return_dict"] else (out,)
+        return adapter.output(out, a["return_dict"])
 
 
 def _sample_of(output):
@@ -174,7 +191,7 @@ class FasterDiffusionHandle:
         self.pipe = pipe
         self.unet = pipe.unet
         self.settings = settings
-        self.adapter = DiffusersUNetAdapter(self.unet)
+        self.adapter = adapter_class(self.unet)(self.unet)
         self.reports: list[dict] = []
         self._active: _PipelineCall | None = None
         self._removed = False

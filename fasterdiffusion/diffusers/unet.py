@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 
 from ..runtime import Features, ModelCall, repeat_rows as _rows
 from ..samplers import bypass_reason, forecast_off_reason
@@ -168,13 +168,44 @@ class DiffusersUNetAdapter:
     of place, as the host does), so the cached features are the clean skips and middle output and every
     decoder call gets its own step's residuals; the cached middle output is cloned before the up blocks
     (FreeU scales it in place).
+
+    Besides the runtime's protocol, every diffusers adapter gives the pipeline glue (``pipeline.py``) what it
+    needs of one UNet class: ``unsupported_reason(unet)``, ``arguments`` (the forward's, by name),
+    ``call_reason`` (why a call cannot be split), ``conditioning`` (the objects that tell call slots apart),
+    ``make_call`` and ``output`` (the forward's return value).
     """
+    unet_class = UNet2DConditionModel
 
     def __init__(self, unet):
-        reason = unsupported_unet_reason(unet)
+        reason = self.unsupported_reason(unet)
         if reason:
             raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
         self.unet = unet
+
+    # ---- the pipeline glue's side
+
+    @staticmethod
+    def unsupported_reason(unet) -> str | None:
+        return unsupported_unet_reason(unet)
+
+    def arguments(self, args, kwargs) -> dict | None:
+        return forward_arguments(self.unet, args, kwargs)
+
+    def call_reason(self, a: dict) -> str | None:
+        return unsupported_call_reason(a)
+
+    def conditioning(self, a: dict) -> tuple:
+        added = a["added_cond_kwargs"] or {}
+        return (a["encoder_hidden_states"], a["class_labels"], added.get("text_embeds"), added.get("time_ids"),
+                a["attention_mask"], a["encoder_attention_mask"])
+
+    def make_call(self, a: dict, slot=()) -> ModelCall:
+        return make_call(a, slot)
+
+    def output(self, sample: torch.Tensor, return_dict: bool):
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    # ---- the runtime's side
 
     def _shape_of(self, call: ModelCall):
         # get_time_embed / get_class_embed read only the sample's batch size, dtype and device
