@@ -11,7 +11,9 @@ synchronised), whole sampling time, the measured time ratio to the baseline, the
 model predicts (encoder share counted by torch's FlopCounterMode on this very UNet), and fidelity to the
 full run: PSNR of decoded images (digits) or of latents (peak = the baseline's range; random-weight models).
 Models: ``digits`` = the trained test model; ``sd15``/``sdxl`` = ComfyUI's UNetModel with the real SD1.5 /
-SDXL configurations and random fan-in weights (time does not depend on the weights).
+SDXL configurations and random fan-in weights (time does not depend on the weights); ``svd`` = SVD's image-to-video
+UNet (temporal res blocks and attention) at base width ``--svd-width``, ``--frames`` frames, init latent 16x16
+(``--size`` must be 16 for it).
 """
 from __future__ import annotations
 
@@ -42,9 +44,17 @@ SDXL = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_tra
             transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
             transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
             use_temporal_attention=False, use_temporal_resblock=False)
+# SVD(-XT)'s image-to-video UNet (comfy.supported_models.SVD_img2vid and what ComfyUI detects from its checkpoint), at
+# base width --svd-width (the real one: 320) and --frames frames folded into the batch
+SVD = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+           num_classes="sequential", adm_in_channels=768, in_channels=8, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+           channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+           transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=True,
+           context_dim=1024, use_temporal_attention=True, use_temporal_resblock=True, extra_ff_mix_layer=True,
+           use_spatial_context=True, merge_strategy="learned_with_images", video_kernel_size=[3, 1, 1])
 
 
-def build(name, device, dtype):
+def build(name, device, dtype, args=None):
     """(model patcher, positive, negative, latent size) for one benchmark model."""
     import torch
     import comfy.supported_models
@@ -52,6 +62,8 @@ def build(name, device, dtype):
         model, tokens = tm.load_test_model()
         pos, neg = tm.digit_conditioning(tokens, [7])
         return model, pos, neg, tm.LATENT_SIZE, 1
+    if name == "svd":
+        return build_svd(device, dtype, args.svd_width, args.frames)
     cfg, cls, ctx = (SD15, comfy.supported_models.SD15, 768) if name == "sd15" else (SDXL, comfy.supported_models.SDXL, 2048)
     mc = cls(cfg)
     mc.set_inference_dtype(dtype, None)
@@ -63,26 +75,44 @@ def build(name, device, dtype):
     return model, pos, neg, None, 1
 
 
+def build_svd(device, dtype, width, frames):
+    """SVD: every latent of the batch is one frame; the conditioning is SVD_img2vid_Conditioning's (CLIP-vision tokens,
+    the init latent concatenated, fps / motion bucket / augmentation in the ADM vector)."""
+    import torch
+    import comfy.supported_models
+    mc = comfy.supported_models.SVD_img2vid(dict(SVD, model_channels=width))
+    mc.set_inference_dtype(dtype, None)
+    model = tm.build_model_patcher(mc, seed=0, device=device)
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(1, 4, 16, 16, generator=g)
+    extra = {"concat_latent_image": init, "fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.0}
+    pos = [[torch.randn(1, 1, 1024, generator=g), dict(extra)]]
+    neg = [[torch.zeros(1, 1, 1024), dict(extra, concat_latent_image=torch.zeros_like(init))]]
+    return model, pos, neg, None, frames
+
+
 def _ldm(cu):
     """The pack's ldm adapter module, beside its patches.comfy.unet module ``cu``."""
     return import_module(cu.__name__.rsplit(".", 1)[0] + ".ldm")
 
 
-def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype):
+def encoder_share(unet, cu, size, batch, ctx_shape, adm, device, dtype, frames=None):
     """(Encoder+bottleneck fraction of one full forward's FLOPs, counted on this UNet at this shape; bytes of one
-    key step's features: what forecast propagation keeps once more per call slot)."""
+    key step's features: what forecast propagation keeps once more per call slot).  ``frames``: a video UNet's
+    frames per video (the batch holds batch // frames videos)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+    x = torch.randn(batch, unet.in_channels, size, size, device=device, dtype=dtype)
     t = torch.full((batch,), 500.0, device=device)
     ctx = torch.randn(batch, *ctx_shape, device=device, dtype=dtype)
     y = torch.randn(batch, adm, device=device, dtype=dtype) if adm else None
+    kwargs = {} if frames is None else {"num_video_frames": frames}
     with torch.no_grad():
         with FlopCounterMode(display=False) as full:
-            unet(x, t, ctx, y, None, {})
+            unet(x, t, ctx, y, None, {}, **kwargs)
         with FlopCounterMode(display=False) as enc:
             ldm = _ldm(cu)
-            call = ldm.make_call(x, t, ctx, y, None, {}, {})
+            call = ldm.make_call(x, t, ctx, y, None, {}, dict(kwargs))
             adapter = ldm.LdmUNetAdapter(unet)
             feats = adapter.encode(call, adapter.embed(call))
     kept = sum(t.numel() * t.element_size() for t in feats.skips + [feats.mid])
@@ -173,6 +203,8 @@ def main():
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-decoder-batch", type=int, default=32, help="the node's memory cap (samples per call)")
+    ap.add_argument("--svd-width", type=int, default=64, help="svd: the UNet's base width (SVD: 320)")
+    ap.add_argument("--frames", type=int, default=4, help="svd: frames per video (SVD: 14, SVD-XT: 25)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--no-injection", action="store_true", help="skip the injection on/off table (digits model)")
@@ -197,7 +229,7 @@ def main():
           f"sampler {args.sampler}, cfg {args.cfg}, median of {args.repeats} interleaved runs after a warm-up")
 
     for i, name in enumerate(names):
-        model, pos, neg, fixed_size, batch = build(name, args.device if name != "digits" else None, dtype)
+        model, pos, neg, fixed_size, batch = build(name, args.device if name != "digits" else None, dtype, args)
         size = fixed_size or sizes[min(i, len(sizes) - 1)]
         steps = steps_list[min(i, len(steps_list) - 1)]
         unet_time = [0.0]
@@ -223,7 +255,8 @@ def main():
         unet = model.model.diffusion_model
         adm = unet.label_emb[0][0].in_features if unet.num_classes == "sequential" else 0
         share, kept_bytes = encoder_share(unet, cu, size, 2 * batch, pos[0][0].shape[1:], adm,
-                                          next(unet.parameters()).device, model.model_dtype())
+                                          next(unet.parameters()).device, model.model_dtype(),
+                                          batch if name == "svd" else None)
 
         times = {k: ([], []) for k in variants}
         outs = {}
