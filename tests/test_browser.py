@@ -10,6 +10,7 @@ import time
 
 import pytest
 import requests
+from PIL import Image
 
 import testmodel as tm
 
@@ -170,7 +171,9 @@ WORKFLOWS = sorted((tm.REPO / "workflows").glob("*.json"))
 # widget: they must load and run unchanged
 SAVED_BEFORE_V3 = sorted((tm.REPO / "tests" / "data" / "saved_workflows").glob("*.json"))
 SUBSTITUTE = {"CheckpointLoaderSimple": "FDTestCheckpoint", "CLIPTextEncode": "FDTestTextEncode",
-              "VAEDecode": "FDTestVAEDecode", "UNETLoader": "FDTestUNetLoader"}
+              "VAEDecode": "FDTestVAEDecode", "UNETLoader": "FDTestUNetLoader",
+              "ImageOnlyCheckpointLoader": "FDTestImageOnlyCheckpoint"}
+VIDEO_FRAMES = 4         # SVD_img2vid_Conditioning's video_frames in the test (14 saved)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +195,8 @@ def classic_page(server):
                          ids=[p.stem for p in WORKFLOWS] + [f"saved-before-v3-{p.stem}" for p in SAVED_BEFORE_V3])
 def test_example_workflow_loads_converts_and_runs(classic_page, path):
     """Each shipped workflow loads in the real frontend, becomes an API prompt, and runs on the test host
-    with the test models in place of the checkpoint (CLIP and VAE swapped likewise; all else as saved)."""
+    with the test models in place of the checkpoint (CLIP, CLIP vision and VAE swapped likewise; the sizes cut
+    to the test models'; an init image put in the input folder; all else as saved)."""
     page, url, base = classic_page
     workflow = json.loads(path.read_text())
     page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
@@ -205,11 +209,16 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     fd_nodes = [n for n in prompt.values() if n["class_type"].startswith("FasterDiffusion")]
     assert fd_nodes and all(n["inputs"].get("strategy", "paper") == "paper" for n in fd_nodes)   # One-Pass has none
-    saves = [k for k, n in prompt.items() if n["class_type"] == "SaveImage"]
+    saves = [k for k, n in prompt.items() if n["class_type"] in ("SaveImage", "SaveAnimatedWEBP")]
     for node in prompt.values():
         node["class_type"] = SUBSTITUTE.get(node["class_type"], node["class_type"])
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)    # an 8x8 latent: the test models' size
+        if node["class_type"] == "SVD_img2vid_Conditioning":
+            node["inputs"].update(width=64, height=64, video_frames=VIDEO_FRAMES)
+        if node["class_type"] == "LoadImage":             # the real node, on an image of another size and aspect
+            (base / "input").mkdir(exist_ok=True)
+            Image.linear_gradient("L").resize((48, 32)).convert("RGB").save(base / "input" / node["inputs"]["image"])
     r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "workflow-test"}, timeout=10)
     assert r.status_code == 200 and not r.json()["node_errors"], r.text
     prompt_id = r.json()["prompt_id"]
@@ -223,3 +232,6 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
     for node_id in saves:
         images = entry["outputs"][node_id]["images"]
         assert images and (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        if prompt[node_id]["class_type"] == "SaveAnimatedWEBP":    # one animation, every frame of the video
+            with Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]) as webp:
+                assert len(images) == 1 and webp.format == "WEBP" and webp.n_frames == VIDEO_FRAMES, webp.n_frames

@@ -74,3 +74,26 @@ def test_svd_is_served_all_is_identical_and_parallel_equals_sequential(pack, svd
     seq, _ = apply(pack, svd, "uniform:2", parallel=False)
     assert rel(sample(seq), out) < 1e-4
     assert torch.isfinite(out).all() and rel(out, base) < 0.5
+
+
+def test_svd_video_linear_cfg_guidance_is_served_like_plain_cfg(pack, svd):
+    """ComfyUI's VideoLinearCFGGuidance (a per-frame CFG ramp from min_cfg to cfg, a sampler_cfg_function) under or over
+    FasterDiffusion Apply (the example workflow has it under): 'all' is the guided run bit for bit, the paper's key
+    steps skip the encoder exactly as under plain CFG, and the ramp still shapes the run."""
+    from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
+    guide = lambda model: VideoLinearCFGGuidance().patch(model, 1.0)[0]
+    base, guided = sample(svd), sample(guide(svd))
+    assert rel(guided, base) > 0.1, "the ramp (1.0 -> 2.5 over the frames) changes the run"
+    assert torch.equal(sample(apply(pack, guide(svd), "all")[0]), guided)
+    assert torch.equal(sample(guide(apply(pack, svd, "all")[0])), guided)
+    plain, plain_config = apply(pack, svd, "paper")
+    plain_out = sample(plain)
+    stats = lambda config: {k: v for k, v in config.reports[-1].items() if k != "seconds"}
+    assert (stats(plain_config)["encoder_calls"], stats(plain_config)["cached_calls"]) == (5, 3), stats(plain_config)
+    fd, config = apply(pack, guide(svd), "paper")
+    out = sample(fd)
+    over = guide(apply(pack, svd, "paper")[0])        # ModelPatcher.clone copies the config: read the clone's
+    over_out, over_config = sample(over), over.model_options["transformer_options"][pack.cu.KEY]
+    assert stats(config) == stats(plain_config) == stats(over_config)
+    assert torch.equal(over_out, out), "the guidance node's place around Apply does not matter"
+    assert rel(out, guided) < rel(out, plain_out), "the run follows the guided run, not the plain one"

@@ -8,18 +8,21 @@ WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("
 
 
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+FRONTEND_ONLY = ("control_after_generate", "upload")       # widgets the frontend adds: no node input
+FILE_LISTS = ("ckpt_name", "unet_name", "image")          # combos listing the host's files: any name loads
 
 
 def widget_values(spec, values):
     """(name, type, options, value) per widget of a saved node, paired as the frontend pairs them: by position."""
     specs = {**spec.get("required", {}), **spec.get("optional", {})}
-    names = [n for n in widget_inputs(spec) if n != "control_after_generate"]
-    values = [v for n, v in zip(widget_inputs(spec), values) if n != "control_after_generate"]
+    names = [n for n in widget_inputs(spec) if n not in FRONTEND_ONLY]
+    values = [v for n, v in zip(widget_inputs(spec), values) if n not in FRONTEND_ONLY]
     return [(n, specs[n][0], specs[n][1] if len(specs[n]) > 1 else {}, v) for n, v in zip(names, values)]
 
 
 def widget_inputs(spec):
-    """Names of the inputs the frontend shows as widgets, in order (plus KSampler's hidden seed control)."""
+    """Names of the inputs the frontend shows as widgets, in order (plus KSampler's hidden seed control and an
+    image input's upload button)."""
     names = []
     for section in ("required", "optional"):
         for name, (typ, *opts) in spec.get(section, {}).items():
@@ -27,6 +30,8 @@ def widget_inputs(spec):
                 names.append(name)
                 if name in ("seed", "noise_seed"):
                     names.append("control_after_generate")
+                if opts and opts[0].get("image_upload"):   # LoadImage's upload button, saved as "image"
+                    names.append("upload")
     return names
 
 
@@ -54,17 +59,26 @@ def test_workflow_matches_node_definitions(all_nodes, path):
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         assert by_id[src]["outputs"][src_slot]["type"] == typ and link_id in (by_id[src]["outputs"][src_slot]["links"] or [])
         assert by_id[dst]["inputs"][dst_slot] == {"name": by_id[dst]["inputs"][dst_slot]["name"], "type": typ, "link": link_id}
+        # the API prompt names each input as saved: it must be the node's own input, of the link's type
+        assert tuple(nodes.NODE_CLASS_MAPPINGS[by_id[src]["type"]].RETURN_TYPES)[src_slot] == typ, (by_id[src]["type"], src_slot)
+        dst_spec = nodes.NODE_CLASS_MAPPINGS[by_id[dst]["type"]].INPUT_TYPES()
+        name = by_id[dst]["inputs"][dst_slot]["name"]
+        assert {**dst_spec["required"], **dst_spec.get("optional", {})}.get(name, (None,))[0] == typ, \
+            (by_id[dst]["type"], name, typ)
     fd = [n for n in wf["nodes"] if n["type"].startswith("FasterDiffusion")]
     assert fd, "every example shows a FasterDiffusion node"
-    for n in fd:
+    for n in wf["nodes"]:
         spec = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
         for name, typ, opts, value in widget_values(spec, n["widgets_values"]):    # a reordered widget shows here
             if typ == "COMBO" or isinstance(typ, list):
-                assert value in (typ if isinstance(typ, list) else opts["options"]), (n["type"], name, value)
+                assert name in FILE_LISTS or value in (typ if isinstance(typ, list) else opts["options"]), \
+                    (n["type"], name, value)
             else:
                 assert isinstance(value, WIDGET_TYPES[typ]) and not (typ != "BOOLEAN" and isinstance(value, bool)), \
                     (n["type"], name, value)
                 assert opts.get("min", value) <= value <= opts.get("max", value), (n["type"], name, value)
+    for n in fd:
+        spec = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
         if "strategy" not in widget_inputs(spec):      # FasterDiffusion One-Pass: no key steps to choose
             continue
         strategy = n["widgets_values"][widget_inputs(spec).index("strategy")]

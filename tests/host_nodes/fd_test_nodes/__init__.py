@@ -120,3 +120,49 @@ class FDTestUNetLoader:
 
 
 NODE_CLASS_MAPPINGS.update(FDTestUNetLoader=FDTestUNetLoader)
+
+
+# Stand-ins for an SVD checkpoint (ImageOnlyCheckpointLoader: MODEL, CLIP_VISION, VAE), for the image-to-video example
+# workflow (tests/test_browser.py rewrites ImageOnlyCheckpointLoader to this): the tiny random-weight SVD model, and a
+# CLIP vision model and VAE just good enough for ComfyUI's own SVD_img2vid_Conditioning and VAEDecode stand-in.
+class _StandInClipVision:
+    """``encode_image(image [B,H,W,3]).image_embeds``: [B, CONTEXT_DIM], a fixed projection of each image's mean colour
+    (SVD_img2vid_Conditioning makes it the one cross-attention token)."""
+
+    def encode_image(self, image, crop=True):
+        import torch
+        from types import SimpleNamespace
+        proj = torch.randn(3, tm.CONTEXT_DIM, generator=torch.Generator().manual_seed(0))
+        return SimpleNamespace(image_embeds=(image[..., :3].float().mean(dim=(1, 2)) * 2 - 1) @ proj)
+
+
+class _StandInVideoVAE:
+    """``encode(pixels [B,H,W,3])`` -> latents [B,4,H/8,W/8] (8x8 mean colour in [-1,1], and its grey);
+    ``decode(latents [F,4,h,w])`` -> frames [F,8h,8w,3] (the sigmoid of the first three channels)."""
+
+    def encode(self, pixels):
+        import torch
+        import torch.nn.functional as F
+        rgb = F.avg_pool2d(pixels[..., :3].float().movedim(-1, 1) * 2 - 1, 8)
+        return torch.cat([rgb, rgb.mean(dim=1, keepdim=True)], dim=1)
+
+    def decode(self, latents):
+        import torch
+        import torch.nn.functional as F
+        return F.interpolate(torch.sigmoid(latents[:, :3].float()), scale_factor=8, mode="nearest").movedim(1, -1)
+
+
+class FDTestImageOnlyCheckpoint:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("MODEL", "CLIP_VISION", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": "svd_xt.safetensors"})}}
+
+    def load(self, ckpt_name):
+        return tm.svd_tiny_model(), _StandInClipVision(), _StandInVideoVAE()
+
+
+NODE_CLASS_MAPPINGS.update(FDTestImageOnlyCheckpoint=FDTestImageOnlyCheckpoint)
