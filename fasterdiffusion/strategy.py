@@ -13,11 +13,27 @@ from dataclasses import dataclass, replace
 # The paper's default (utils_sd.py "50ls"): paper notation {50,49,48,47,45,40,35,25,15}.
 PAPER_KEYS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 
+# DeepFloyd-IF's per-stage rules in the official code (utils_if.py), as (native step count, key list there).
+# Where paper and code disagree (stage II: the paper keeps all 50 steps) the code's rule is taken.
+IF_PRESETS = {
+    # stage I, 100 DDPM steps ("100ls"): the first 10 and the last 14 steps and every 5th one between
+    "if1": (100, tuple(i for i in range(100) if i < 10 or i > 85 or i % 5 == 0)),
+    # stage II, 50 steps (register_if2): the first 20 and the last 9 steps and the even ones between
+    "if2": (50, tuple(i for i in range(50) if i < 20 or i > 40 or i % 2 == 0)),
+    # stage III, the x4 upscaler at 75 steps ("pro"): the i with 9 + 8i a perfect square; the paper's own set
+    "if3": (75, (0, 2, 5, 9, 14, 20, 27, 35, 44, 54, 65)),
+}
+
 GRAMMAR = """strategy grammar:
   paper        the paper's key steps 0,1,2,3,5,10,15,25,35 for 50 steps; for fewer steps the list is
                cut at the step count (the paper's own 20-step set), for more it is stretched by N/50
                with steps 0-3 kept
   uniform:K    every K-th step is a key step (0, K, 2K, ...); K >= 1; uniform:4 suits community models
+  if1          DeepFloyd-IF stage I, the official code's rule at 100 steps: steps 0-9, 86-99 and every 5th
+  if2          IF stage II, the official code's rule at 50 steps: steps 0-19, 41-49 and the even ones
+  if3          IF stage III (x4 upscaler) at 75 steps: 0,2,5,9,14,20,27,35,44,54,65
+               (the IF presets at other step counts: each key k of the native count M moves to
+               round(k*N/M), the same place in the run, so keys that meet merge)
   all          every step is a key step: exactly the unpatched model
   0,1,2,3,5,10 an explicit list of 0-based key steps; must contain 0; steps past the run's end are ignored
 numbers are written with the digits 0-9 and go up to 100000"""
@@ -46,7 +62,7 @@ class StrategyError(ValueError):
 
 @dataclass(frozen=True)
 class Strategy:
-    kind: str                      # "paper" | "uniform" | "all" | "list"
+    kind: str                      # "paper" | "uniform" | "all" | "list" | an IF_PRESETS name
     every: int = 1                 # uniform:K
     steps: tuple[int, ...] = ()    # explicit list
 
@@ -63,7 +79,7 @@ def parse_strategy(text: str) -> Strategy:
     if not isinstance(text, str):
         raise StrategyError(repr(text), "expected a string")
     s = text.strip(_SPACE).translate(_LOWER)
-    if s in ("paper", "all"):
+    if s in ("paper", "all", *IF_PRESETS):
         return Strategy(s)
     if s.startswith("uniform"):
         m = _UNIFORM.fullmatch(s)
@@ -104,6 +120,11 @@ def key_steps(strategy: Strategy, num_steps: int) -> list[int]:
         keys = range(0, n, strategy.every)
     elif strategy.kind == "list":
         keys = strategy.steps
+    elif strategy.kind in IF_PRESETS:
+        # Moved, not cut: a key sits where the features change fast, a place in the noise schedule, not a step
+        # number (at twice the steps the dense runs become every other step and the count stays).
+        native, native_keys = IF_PRESETS[strategy.kind]
+        keys = {round(k * n / native) for k in native_keys}
     elif n <= 50:
         # The authors ran DPM-Solver 20 steps with the 50-step list cut at 20 ([0,1,2,3,5,10,15]).
         keys = PAPER_KEYS_50

@@ -48,7 +48,9 @@ def strategy_inputs():
         io.String.Input("strategy", default="paper", multiline=False, tooltip=
             "Which sampling steps are key steps (run the encoder). 'paper' = 0,1,2,3,5,10,15,25,35 "
             "at 50 steps (cut at the step count when fewer); 'uniform:K' = every K-th step "
-            "(uniform:4 suits community models); 'all' = every step (identical to no patch); "
+            "(uniform:4 suits community models); 'if1'/'if2'/'if3' = DeepFloyd-IF's stage I/II/III rules of "
+            "the official code (at 100/50/75 steps; moved proportionally to other step counts); "
+            "'all' = every step (identical to no patch); "
             "or a list of 0-based steps like 0,1,2,3,5,10. Steps count within each sampler run."),
         io.Boolean.Input("parallel", default=True, tooltip=
             "Run the decoders of a key step's whole group as one batch (exact; the main GPU speed-up). "

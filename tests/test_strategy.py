@@ -3,6 +3,7 @@ import pytest
 
 from fasterdiffusion import (GRAMMAR, PAPER_KEYS_50, StrategyError, make_plan, match_step, parse_strategy,
                              predicted_cost_fraction)
+from fasterdiffusion.strategy import IF_PRESETS
 
 
 def test_paper_50_is_the_papers_list_and_groups():
@@ -27,6 +28,27 @@ def test_paper_more_steps_stretches_and_stays_dense_early():
     assert gaps == sorted(gaps), "keys get sparser towards the end"
 
 
+def test_if_presets_at_their_native_step_counts():
+    """The official code's rules (utils_if.py): stage I 100ls, stage II register_if2, the x4 upscaler's "pro"."""
+    assert make_plan("if1", 100).keys == tuple([*range(10), *range(10, 86, 5), *range(86, 100)])
+    assert make_plan("if2", 50).keys == tuple([*range(20), *range(20, 41, 2), *range(41, 50)])
+    assert make_plan("if3", 75).keys == (0, 2, 5, 9, 14, 20, 27, 35, 44, 54, 65)
+    assert make_plan("if1", 100).group_sizes == [1] * 10 + [5] * 15 + [1] * 15
+    assert make_plan("if2", 50).group_sizes == [1] * 20 + [2] * 10 + [1] * 10
+
+
+def test_if_presets_move_to_other_step_counts():
+    """Each native key k of M steps moves to round(k * N / M): at twice the steps the count stays and the dense runs
+    become every other step; at half they stay dense and keys that meet merge."""
+    for name, (native, keys) in IF_PRESETS.items():
+        assert make_plan(name, 2 * native).keys == tuple(2 * k for k in keys), name
+        half = make_plan(name, native // 2).keys
+        assert set(half) == {round(k * (native // 2) / native) for k in keys} - {native // 2}, name
+    assert make_plan("if1", 50).keys[:6] == (0, 1, 2, 3, 4, 5) and make_plan("if1", 50).keys[-8:] == tuple(range(42, 50))
+    assert make_plan("if3", 25).keys == (0, 1, 2, 3, 5, 7, 9, 12, 15, 18, 22)
+    assert make_plan("if2", 10).keys == tuple(range(10)) and make_plan("if1", 1).keys == (0,)
+
+
 def test_uniform_all_and_lists():
     assert make_plan("uniform:4", 10).keys == (0, 4, 8)
     assert make_plan(" Uniform:1 ", 3).keys == (0, 1, 2)
@@ -37,8 +59,8 @@ def test_uniform_all_and_lists():
 
 
 def test_every_step_in_exactly_one_group():
-    for s in ("paper", "uniform:3", "all", "0,2,7"):
-        for n in (1, 2, 7, 20, 50, 77):
+    for s in ("paper", "uniform:3", "all", "0,2,7", "if1", "if2", "if3"):
+        for n in (1, 2, 7, 20, 50, 77, 100, 151):
             plan = make_plan(s, n)
             flat = [i for g in plan.groups for i in g]
             assert flat == list(range(n))
@@ -49,7 +71,8 @@ def test_every_step_in_exactly_one_group():
 @pytest.mark.parametrize("bad,problem", [
     ("", "neither a known name"), ("fast", "'fast' is neither"), ("uniform", "whole number"),
     ("uniform:0", "K >= 1"), ("uniform:x", "whole number"), ("1,2,3", "step 0 must be a key step"),
-    ("0,-1", "'-1' is neither"), ("0,1.5", "'1.5' is neither"),
+    ("0,-1", "'-1' is neither"), ("0,1.5", "'1.5' is neither"), ("if4", "'if4' is neither"),
+    ("if1:2", "'if1:2' is neither"),
 ])
 def test_bad_strings_name_the_problem_and_show_the_grammar(bad, problem):
     with pytest.raises(StrategyError) as e:
@@ -60,8 +83,9 @@ def test_bad_strings_name_the_problem_and_show_the_grammar(bad, problem):
 
 
 def test_strategy_round_trips_as_text():
-    for s in ("paper", "all", "uniform:4", "0,1,2,3,5,10"):
+    for s in ("paper", "all", "uniform:4", "0,1,2,3,5,10", "if1", "if2", "if3"):
         assert str(parse_strategy(s)) == s
+    assert str(parse_strategy(" IF2\t")) == "if2"
 
 
 def test_cost_model():

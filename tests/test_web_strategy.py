@@ -7,13 +7,16 @@ import pytest
 
 from fasterdiffusion import StrategyError, make_plan, parse_strategy
 
-CASES = [(s, n) for s in ("paper", "all", "uniform:1", "uniform:3", "uniform:4", "0,1,2,3,5,10", "0,7,30,60")
+CASES = [(s, n) for s in ("paper", "all", "uniform:1", "uniform:3", "uniform:4", "0,1,2,3,5,10", "0,7,30,60", "if1",
+                          "if2", "if3")
          for n in (1, 2, 4, 10, 20, 25, 49, 50, 51, 75, 100, 151)]
 BAD = ["", "fast", "uniform", "uniform:0", "1,2,3", "0,-1", "0,1.5",
        # hostile: non-ASCII digits and spaces, names with a suffix, huge numbers, very long input
        "0,²", "uniform:²", "0,١", "0,1\u00a0", "0,1\ufeff", "uniformly:3", "0,100001", "uniform:100001",
-       "0," + "9" * 5000, "0," + "x" * 20000]
-GOOD = ["UNIFORM : 4", "\t0 ;1\n", "0,000000000000000000007", "0,100000", "uniform:100000"]
+       "0," + "9" * 5000, "0," + "x" * 20000,
+       # preset names alike but not equal
+       "if", "if4", "if0", "if 1", "if1:2", "if1,5", "constructor", "toString"]
+GOOD = ["UNIFORM : 4", "\t0 ;1\n", "0,000000000000000000007", "0,100000", "uniform:100000", "IF1", " if2\t", "If3"]
 
 
 def run_js(tmp_path, body):
@@ -54,6 +57,13 @@ def test_edge_strings_read_the_same_in_both(tmp_path):
     js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(GOOD)}.map((t) => s.keySteps(t, 8))));")
     for text, keys in zip(GOOD, js):
         assert tuple(keys) == make_plan(text, 8).keys, text
+
+
+def test_editor_names_preset_key_sets(tmp_path):
+    """A key set the editor's cells produce that equals a preset at this step count is shown by the preset's name."""
+    cases = [(make_plan(name, n).keys, n) for name, n in (("if1", 100), ("if2", 50), ("if3", 75), ("if3", 30))]
+    js = run_js(tmp_path, f"console.log(JSON.stringify({json.dumps(cases)}.map(([k, n]) => s.strategyFor(k, n))));")
+    assert js == ["if1", "if2", "if3", "if3"]
 
 
 def test_shared_documents_round_trip_and_malformed_ones_are_refused(tmp_path):

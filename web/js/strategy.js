@@ -3,6 +3,16 @@
 
 export const PAPER_KEYS_50 = [0, 1, 2, 3, 5, 10, 15, 25, 35];
 
+// DeepFloyd-IF's per-stage rules of the official code, as [native step count, key list there] (IF_PRESETS in
+// strategy.py); at other step counts each key k moves to round(k * n / native).
+const range = (n) => [...Array(n).keys()];
+export const IF_PRESETS = {
+  if1: [100, range(100).filter((i) => i < 10 || i > 85 || i % 5 === 0)],
+  if2: [50, range(50).filter((i) => i < 20 || i > 40 || i % 2 === 0)],
+  if3: [75, [0, 2, 5, 9, 14, 20, 27, 35, 44, 54, 65]],
+};
+const NAMES = ["paper", "all", ...Object.keys(IF_PRESETS)];
+
 // Measured on an H100 with ComfyUI's SD1.5 UNet, eager fp16, 512x512, CFG (shared/docs/gpu.md): ms per
 // call of the full UNet, of encoder+middle, and of one decoder batch holding w steps.
 const GPU_MS = { full: 34.6, encoder: 14.5, decoder: [[1, 19.3], [2, 20.0], [4, 23.6], [5, 26.1], [8, 34.6], [10, 41.1], [15, 58.1]] };
@@ -32,7 +42,7 @@ function index(digits, tooBig) {
 
 export function parseStrategy(text) {
   const s = String(text ?? "").replace(TRIM, "").replace(/[A-Z]+/g, (m) => m.toLowerCase());
-  if (s === "paper" || s === "all") return { kind: s };
+  if (NAMES.includes(s)) return { kind: s };
   if (s.startsWith("uniform")) {
     const m = UNIFORM.exec(s);
     if (!m) throw new StrategyError("uniform needs a whole number, e.g. uniform:4");
@@ -55,12 +65,18 @@ export function keySteps(strategy, n) {
   if (typeof strategy === "string") strategy = parseStrategy(strategy);
   if (n < 1) return [];
   let keys;
-  if (strategy.kind === "all") keys = [...Array(n).keys()];
-  else if (strategy.kind === "uniform") keys = [...Array(n).keys()].filter((i) => i % strategy.every === 0);
+  if (strategy.kind === "all") keys = range(n);
+  else if (strategy.kind === "uniform") keys = range(n).filter((i) => i % strategy.every === 0);
   else if (strategy.kind === "list") keys = strategy.steps;
+  else if (Object.hasOwn(IF_PRESETS, strategy.kind)) keys = moved(...IF_PRESETS[strategy.kind], n);
   else if (n <= 50) keys = PAPER_KEYS_50;
   else keys = [...PAPER_KEYS_50.map((k) => pyRound((k * n) / 50)), 0, 1, 2, 3];
   return [...new Set(keys)].filter((k) => k < n).sort((a, b) => a - b);
+}
+
+// An IF preset's keys on n steps: each native key at the same place in the run (key_steps in strategy.py).
+function moved(native, nativeKeys, n) {
+  return nativeKeys.map((k) => pyRound((k * n) / native));
 }
 
 // Python's round(): halves go to the even neighbour.
@@ -98,7 +114,7 @@ function decoderMs(w) {
 // The strategy string for a set of key steps: a preset name where one matches, else an explicit list.
 export function strategyFor(keys, n) {
   const same = (a) => a.length === keys.length && a.every((k, i) => k === keys[i]);
-  for (const name of ["paper", "all"]) if (same(keySteps(name, n))) return name;
+  for (const name of NAMES) if (same(keySteps(name, n))) return name;
   return keys.join(",");
 }
 
