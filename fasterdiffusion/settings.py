@@ -20,7 +20,7 @@ class Settings:
     parallel            a key step runs its group's decoders as one batch
     max_decoder_batch   most rows in one batched decoder call; 0 = no cap
     propagation         what non-key decoders get: "forecast", "reuse" (the paper's), or a ``Forecast``
-    controlnet_reuse    non-key steps reuse the key step's ControlNet residuals (ComfyUI)
+    controlnet_reuse    non-key steps reuse the key step's ControlNet residuals (ComfyUI, diffusers)
     injection_alpha     prior noise injection strength (0 = off; the sampler nodes, A1111/Forge)
     injection_threshold inject at steps whose model timestep is below this
     """

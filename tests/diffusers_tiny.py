@@ -166,3 +166,34 @@ def run(pipe, prompt=PROMPTS[0], steps: int = 10, seed: int = 0, guidance_scale:
     """Latents of one pipeline call (output_type="latent"), from a fixed generator."""
     return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
                 generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def controlnet_xl_model(seed: int = 0):
+    """A ControlNet for the SDXL-shaped UNet (its down blocks, text_time addition embedding)."""
+    from diffusers import ControlNetModel
+    _seeded(seed)
+    c = SDXL_UNET
+    net = ControlNetModel(in_channels=4, layers_per_block=c["layers_per_block"], block_out_channels=c["block_out_channels"],
+                          down_block_types=c["down_block_types"], norm_num_groups=c["norm_num_groups"],
+                          cross_attention_dim=c["cross_attention_dim"], attention_head_dim=c["attention_head_dim"],
+                          use_linear_projection=True, transformer_layers_per_block=c["transformer_layers_per_block"],
+                          addition_embed_type="text_time", addition_time_embed_dim=c["addition_time_embed_dim"],
+                          projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"],
+                          conditioning_embedding_out_channels=(4, 8)).eval()
+    for m in [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
+        randomize_(m, seed + 7)
+    return net
+
+
+def controlnet_xl(seed: int = 0, sched: str = "EulerDiscreteScheduler", img2img: bool = False):
+    """SDXL + ControlNet (text-to-image or img2img)."""
+    import diffusers
+    cls = diffusers.StableDiffusionXLControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionXLControlNetPipeline
+    parts = dict(vae=vae(seed), text_encoder=text_encoder(seed), text_encoder_2=text_encoder(seed + 1, projection=True),
+                 tokenizer=tokenizer(), tokenizer_2=tokenizer(), unet=unet("sdxl", seed), controlnet=controlnet_xl_model(seed),
+                 scheduler=scheduler(sched), feature_extractor=None, image_encoder=None)
+    if img2img:
+        parts["requires_aesthetics_score"] = False
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -539,10 +539,11 @@ def test_key_steps_count_within_each_call(patch):
 
 
 def test_controlnet_each_step_gets_its_own_residuals(patch):
-    """The ControlNet stops after step 5 (control_guidance_end=0.3): steps 6-9, decoded on key step 5's
-    features, change with it; steps 0-5 do not."""
+    """With controlnet_reuse off the ControlNet runs every step: it stops after step 5 (control_guidance_end=0.3):
+    steps 6-9, decoded on key step 5's features, change with it; steps 0-5 do not.  (Reuse on:
+    tests/test_diffusers_controlnet.py.)"""
     pipe = pipeline("controlnet")
-    h = patch(pipe, "paper")
+    h = patch(pipe, "paper", controlnet_reuse=False)
     runs = []
     for end in (1.0, 0.3):
         outs, done = step_outputs(pipe)

@@ -3,8 +3,13 @@
 The integration a ``pip install`` user imports (``from fasterdiffusion.diffusers import apply``); ``import
 fasterdiffusion`` never imports diffusers.  The method itself is the engine's ``Run`` (``fasterdiffusion.runtime``);
 this package is the diffusers adapters and thin glue: one adapter per UNet class (``unet.py``: ``DiffusersUNetAdapter``
-for ``UNet2DConditionModel``, its split and what it refuses), ``pipeline.py`` (``apply``: one run per pipeline call;
-``ADAPTERS`` says which adapter serves which UNet class), ``onepass.py`` (TiUE one-pass sampling).
+for ``UNet2DConditionModel``, its split and what it refuses; ``motion.py``: ``MotionUNetAdapter`` for AnimateDiff's
+``UNetMotionModel``; ``video.py``: ``SpatioTemporalUNetAdapter`` for Stable Video Diffusion's
+``UNetSpatioTemporalConditionModel`` and ``UNet3DAdapter`` for ModelScope's ``UNet3DConditionModel``, frames folded into
+the batch as the forwards do; Text2Video-Zero runs on ``DiffusersUNetAdapter``, its cross-frame attention regrouped
+per stacked step), ``pipeline.py`` (``apply``: one run per pipeline call;
+``ADAPTERS`` says which adapter serves which UNet class), ``controlnet.py`` (``controlnet_reuse``: a ControlNet runs
+at key steps only, its residuals reused at the other steps' own scale), ``onepass.py`` (TiUE one-pass sampling).
 
 How it hooks, and why
   * **The UNet forward**: a diffusers ``ModelHook`` named ``faster_diffusion`` in the UNet's
@@ -30,20 +35,28 @@ How it hooks, and why
     advances and the run starts a new sampler evaluation (``Run.begin_evaluation``), so a second UNet call
     in one iteration is a pass of its own.  A UNet call whose timestep is not the one its position expects
     (PLMS repeats a timestep value: the position tells them apart), or that comes after the schedule's end,
-    runs the full UNet (counted as off-schedule).
-  * **Sigmas**: placement does not use them; the run gets the VE sigma sqrt((1 - a)/a) of each step's
+    runs the full UNet (counted as off-schedule).  The position belongs to the scheduler object: a deep copy of
+    the scheduler carries its position, so Text2Video-Zero's loop in parts (steps 0..t1 on the first frame, a
+    copy of the scheduler taken after the first part, steps t1..t0 again, then every frame from step t1 on the
+    copy) places each call on its step; each part's calls are their own call slots (other shapes, other prompt
+    embeddings), so no part is served another's features.
+  * **Sigmas**: placement does not use them; the run gets the scheduler's own sigmas where they line up with
+    its timesteps (SVD's EDM timesteps are 0.25 log sigma), else the VE sigma sqrt((1 - a)/a) of each step's
     timestep (``alphas_cumprod`` interpolated at fractional timesteps) plus a final 0, for its records.
   * **A step** is one UNet evaluation of the loop: schedulers of order 2 (Heun, KDPM2) and PNDM (whose
     timesteps have one more entry than ``num_inference_steps``) count each of their evaluations.
 """
-from .unet import (MIRRORED_VERSION, ROW_WISE_PROCESSORS, DiffusersCall, DiffusersUNetAdapter, forward_arguments,
-                   make_call, row_timesteps, scheduler_bypass_reason, scheduler_forecast_off_reason,
+from .unet import (FRAME_GROUPED_PROCESSORS, MIRRORED_VERSION, ROW_WISE_PROCESSORS, DiffusersCall, DiffusersUNetAdapter,
+                   forward_arguments, make_call, row_timesteps, scheduler_bypass_reason, scheduler_forecast_off_reason,
                    unsupported_call_reason, unsupported_processor_reason)
 from .pipeline import (ADAPTERS, HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle, adapter_class, apply,
                        schedule_sigmas, unsupported_unet_reason)
+from .motion import MotionUNetAdapter
+from .video import SpatioTemporalUNetAdapter, UNet3DAdapter
 from .onepass import one_pass
 
 __all__ = ["apply", "one_pass", "FasterDiffusionHandle", "DiffusersUNetAdapter", "DiffusersCall", "forward_arguments",
            "make_call", "row_timesteps", "schedule_sigmas", "scheduler_bypass_reason", "scheduler_forecast_off_reason",
            "unsupported_call_reason", "unsupported_processor_reason", "unsupported_unet_reason", "HOOK_NAME",
-           "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS", "ADAPTERS", "adapter_class"]
+           "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS", "ADAPTERS", "adapter_class",
+           "MotionUNetAdapter", "SpatioTemporalUNetAdapter", "UNet3DAdapter", "FRAME_GROUPED_PROCESSORS"]

@@ -1,8 +1,10 @@
 """The diffusers glue: one ``Run`` per pipeline call (see the package docstring), ``apply`` and its handle."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import inspect
 import logging
 import math
 
@@ -15,6 +17,7 @@ from ..forecast import DEFAULT_PROPAGATION
 from ..runtime import Run
 from ..settings import Settings
 from ..strategy import Strategy
+from .controlnet import ControlNetHooks
 from .unet import MIRRORED_VERSION, scheduler_bypass_reason, scheduler_forecast_off_reason, unsupported_processor_reason
 
 log = logging.getLogger("FasterDiffusion")
@@ -24,14 +27,20 @@ HOOK_NAME = "faster_diffusion"
 HANDLE_ATTR = "_faster_diffusion_handle"      # a class attribute of the per-instance subclass only
 
 # Pipelines whose denoising loop is known: one UNet call and one scheduler.step per iteration, the same
-# prompt embeddings object every iteration.  Exact classes: a subclass may change the loop.
+# prompt embeddings object every iteration (Text2Video-Zero loops in parts: see the package docstring).  Exact
+# classes: a subclass may change the loop.
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
                        "StableDiffusionXLImg2ImgPipeline", "StableDiffusionControlNetPipeline",
-                       "StableDiffusionControlNetImg2ImgPipeline")
+                       "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetPipeline",
+                       "StableDiffusionXLControlNetImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffSDXLPipeline",
+                       "IFPipeline", "IFSuperResolutionPipeline", "StableVideoDiffusionPipeline",
+                       "TextToVideoSDPipeline", "TextToVideoZeroPipeline")
 
 # The UNet classes served (exact classes of diffusers), each with the adapter that mirrors its forward
 # ("module:class" in this package, imported when a pipeline has that UNet).
-ADAPTERS = {"UNet2DConditionModel": ".unet:DiffusersUNetAdapter"}
+ADAPTERS = {"UNet2DConditionModel": ".unet:DiffusersUNetAdapter", "UNetMotionModel": ".motion:MotionUNetAdapter",
+            "UNetSpatioTemporalConditionModel": ".video:SpatioTemporalUNetAdapter",
+            "UNet3DConditionModel": ".video:UNet3DAdapter"}
 
 
 def adapter_class(unet):
@@ -56,8 +65,15 @@ def unsupported_unet_reason(unet) -> str | None:
 # The glue: one Run per pipeline call
 # --------------------------------------------------------------------------------------------------
 
-def schedule_sigmas(scheduler, timesteps: list) -> list:
-    """sqrt((1 - a)/a) at each step's timestep (``alphas_cumprod`` interpolated), then 0: the run's records."""
+def schedule_sigmas(scheduler, timesteps: list, begin: int = 0) -> list:
+    """The run's records: the sigma of each step of ``timesteps`` (the scheduler's from ``begin`` on), then the next.
+    The scheduler's own ``sigmas`` where they line up with its timesteps (Euler-type schedulers; SVD's EDM timesteps,
+    0.25 log sigma, index no ``alphas_cumprod``), else sqrt((1 - a)/a) at each step's timestep (``alphas_cumprod``
+    interpolated), then 0."""
+    own = getattr(scheduler, "sigmas", None)
+    if own is not None and len(own) == len(scheduler.timesteps) + 1:
+        own = torch.as_tensor(own).detach().flatten().to("cpu", torch.float64)
+        return [float(v) for v in own[begin:begin + len(timesteps) + 1]]
     ac = getattr(scheduler, "alphas_cumprod", None)
     t = torch.tensor(timesteps, dtype=torch.float64)
     if ac is None or len(ac) == 0:
@@ -93,11 +109,21 @@ class _PipelineCall:
         self.pipe = pipe
         self.run: Run | None = None
         self.schedule: list = []
-        self.pos = 0
+        self._pos = 0                  # the loop position last seen (see ``pos``)
+        self.steppers: list = []       # every _LoopStep of this call: the scheduler's and its deep copies'
         self._objects: list = []       # conditioning tensors seen in this call (held: ids stay unique)
+        self.controls = None           # ControlReuse (controlnet.py) where the pipeline's ControlNets are reused
+
+    @property
+    def pos(self) -> int:
+        """The loop position: that of the scheduler the pipeline steps now (``_LoopStep``); where that is none of
+        this call's, the last one seen (its calls' timesteps then mismatch: they run in full)."""
+        stepper = vars(self.pipe.scheduler).get("step")
+        if isinstance(stepper, _LoopStep) and stepper.state is self:
+            self._pos = stepper.pos
+        return self._pos
 
     def end_of_iteration(self):
-        self.pos += 1
         if self.run is not None:
             self.run.begin_evaluation()
 
@@ -127,8 +153,10 @@ class _PipelineCall:
             self.schedule = timesteps[begin:end]
         if reason and not reason.endswith("in full"):
             reason += ": every call ran in full"
-        self.run = Run(self.handle.settings, schedule_sigmas(sched, self.schedule), self.schedule, bypass=reason,
+        self.run = Run(self.handle.settings, schedule_sigmas(sched, self.schedule, begin or 0), self.schedule, bypass=reason,
                        forecast_off=scheduler_forecast_off_reason(sched, len(self.schedule)))
+        if self.controls is not None:
+            self.controls.begin(self.run)
 
     def step_of(self, t: torch.Tensor) -> int | None:
         """The loop position if the call's timestep is the one the position expects, else None."""
@@ -139,7 +167,7 @@ class _PipelineCall:
         return self.pos if _same_t(lo, expected) and _same_t(hi, expected) else None
 
     def unet_call(self, module, original, args, kwargs):
-        adapter = self.handle.adapter
+        adapter = self.handle.adapter if self.controls is None else self.controls.unet_adapter(self.handle.adapter)
         a = adapter.arguments(args, kwargs)
         if a is None:
             return original(*args, **kwargs)          # let the host say what is wrong with the call
@@ -151,18 +179,58 @@ class _PipelineCall:
         if self.run is None:
             self._start(a, call.timesteps)
         step = None if adapter.call_reason(a) else self.step_of(call.timesteps)
-        if USE_PEFT_BACKEND and lora_scale != 1.0:
-            # the forward's @apply_lora_scale, around the whole call: the split calls blocks directly
+        if USE_PEFT_BACKEND and lora_scale != 1.0 and step is not None:
+            # the forward's @apply_lora_scale, around the whole call: the split calls blocks directly (a call the
+            # split never serves goes to the forward as it came: a UNet3D forward does not scale LoRA layers)
             from diffusers.utils import scale_lora_layers, unscale_lora_layers
             a["cross_attention_kwargs"] = {k: v for k, v in cak.items() if k != "scale"}
             scale_lora_layers(module, lora_scale)
             try:
-                out = self.run.forward(adapter, call, step, lambda: _sample_of(original(**a)))
+                out = self.run.forward(adapter, call, step, self._full(lambda: _sample_of(original(**a))))
             finally:
                 unscale_lora_layers(module, lora_scale)
         else:
-            out = self.run.forward(adapter, call, step, lambda: _sample_of(original(*args, **kwargs)))
+            out = self.run.forward(adapter, call, step, self._full(lambda: _sample_of(original(*args, **kwargs))))
         return adapter.output(out, a["return_dict"])
+
+    def _full(self, thunk):
+        """The host's forward, after checking that no reused ControlNet residuals reach it."""
+        if self.controls is None:
+            return thunk
+        return lambda: (self.controls.check_full(), thunk())[1]
+
+
+class _LoopStep:
+    """``scheduler.step`` during a pipeline call (an instance attribute with the original's signature, which the
+    pipelines inspect for ``eta``/``generator``): the original step, then the loop moves on.  The loop position
+    lives here, with the scheduler's own state, so a pipeline that deep-copies its scheduler and later loops on the
+    copy resumes at the copy's position, stepping the copy (Text2Video-Zero: after its first loop it copies the
+    scheduler, runs a second loop on the first frame, then every frame again from the copy's steps).  ``own``:
+    the scheduler had a ``step`` of its own, put back on ``remove``."""
+
+    def __init__(self, state: _PipelineCall, scheduler, step, own: bool, pos: int = 0):
+        functools.update_wrapper(self, step)
+        self.state, self.scheduler, self.step, self.own, self.pos = state, scheduler, step, own, pos
+        state.steppers.append(self)
+
+    def __call__(self, *a, **k):
+        try:
+            return self.step(*a, **k)
+        finally:
+            self.pos += 1
+            self.state.end_of_iteration()
+
+    def __deepcopy__(self, memo):
+        # inside the scheduler's deepcopy: memo maps the scheduler to its copy, and the bound step rebinds to it
+        return _LoopStep(self.state, memo.get(id(self.scheduler), self.scheduler), copy.deepcopy(self.step, memo),
+                         self.own, self.pos)
+
+    def remove(self):
+        if vars(self.scheduler).get("step") is self:
+            if self.own:
+                vars(self.scheduler)["step"] = self.step
+            else:
+                del vars(self.scheduler)["step"]
 
 
 def _sample_of(output):
@@ -201,6 +269,7 @@ class FasterDiffusionHandle:
         registry = HookRegistry.check_if_exists_or_initialize(self.unet)
         registry.register_hook(_UNetHook(self), HOOK_NAME)
         self._forward = vars(self.unet)["forward"]
+        self._controlnets = ControlNetHooks.install(self, pipe, HOOK_NAME) if settings.controlnet_reuse else None
         # the per-instance subclass that owns the pipeline call
         self._pipe_class = type(pipe)
         pipe.__class__ = _owning_subclass(self._pipe_class, self)
@@ -215,27 +284,18 @@ class FasterDiffusionHandle:
                 log.warning("FasterDiffusion: pipe.unet was replaced after apply(); this call runs unpatched")
             return call_original(pipe, *args, **kwargs)
         state = _PipelineCall(self, pipe)
+        if self._controlnets is not None:
+            state.controls = self._controlnets.reuse_for(state, inspect.signature(self._pipe_class.__call__), args,
+                                                         kwargs)
         scheduler = pipe.scheduler
-        had_step = "step" in vars(scheduler)
-        step = scheduler.step
-
-        @functools.wraps(step)
-        def scheduler_step(*a, **k):
-            try:
-                return step(*a, **k)
-            finally:
-                state.end_of_iteration()
-
-        vars(scheduler)["step"] = scheduler_step
+        vars(scheduler)["step"] = _LoopStep(state, scheduler, scheduler.step, "step" in vars(scheduler))
         self._active = state
         try:
             return call_original(pipe, *args, **kwargs)
         finally:
             self._active = None
-            if had_step:
-                vars(scheduler)["step"] = step
-            else:
-                vars(scheduler).pop("step", None)
+            for stepper in state.steppers:
+                stepper.remove()
             if state.run is not None:
                 state.run.close(self.reports)
 
@@ -251,10 +311,14 @@ class FasterDiffusionHandle:
             # CPU offload hook) and silently break it
             raise RuntimeError("FasterDiffusion: unet.forward was wrapped after apply() (CPU offload?); remove that "
                                "first (pipe.remove_all_hooks()), then call remove()")
+        if self._controlnets is not None:
+            self._controlnets.check_removable()
         self._removed = True
         if vars(type(self.pipe)).get(HANDLE_ATTR) is self:
             self.pipe.__class__ = self._pipe_class
         registry.remove_hook(HOOK_NAME, recurse=False)
+        if self._controlnets is not None:
+            self._controlnets.remove()
         if not registry.hooks:
             if not self._had_forward:
                 vars(self.unet).pop("forward", None)
@@ -288,16 +352,19 @@ def _owning_subclass_of(pipe):
 
 
 def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
-          propagation: str = DEFAULT_PROPAGATION):
-    """Patch ``pipe`` (a Stable Diffusion / SDXL / ControlNet pipeline, text-to-image or img2img) in place
-    with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
+          propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True):
+    """Patch ``pipe`` (one of ``SUPPORTED_PIPELINES``: Stable Diffusion / SDXL / ControlNet text-to-image and img2img,
+    DeepFloyd-IF stages I and II, Stable Video Diffusion, ModelScope text-to-video, Text2Video-Zero, AnimateDiff) in
+    place with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
+    ``max_decoder_batch``: rows per batched decoder call (a video's frames count one row each).
     ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;
-    ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).
+    ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).  ``controlnet_reuse``: a
+    ControlNet runs at key steps only; non-key steps reuse its key-step residuals at their own scale (``controlnet.py``).
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
     UNet it cannot serve, and StrategyError for a bad strategy string (the message shows the grammar).
     """
-    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation)
+    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse)
     previous = _owning_subclass_of(pipe)
     if previous is not None:
         log.info("FasterDiffusion: the pipeline was already patched; the settings of the last apply() win")

@@ -2,6 +2,7 @@
 what it refuses (models, attention processors, schedulers, call arguments), with the reason."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, replace
@@ -18,8 +19,14 @@ log = logging.getLogger("FasterDiffusion")
 
 # Attention processors that treat every batch row on its own (a batched decoder call stacks steps on the
 # batch dimension).  Others (IP-Adapter, PAG, custom ones that may count steps) make the run compute in full.
+# (AttnAddedKV: DeepFloyd-IF's self+text attention; its group norms are per row.)
 ROW_WISE_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "XFormersAttnProcessor",
-                                 "FusedAttnProcessor2_0", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0"})
+                                 "FusedAttnProcessor2_0", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0",
+                                 "AttnAddedKVProcessor", "AttnAddedKVProcessor2_0"})
+# Text2Video-Zero's cross-frame attention: a call's rows are ``batch_size`` videos of consecutive frames, each frame
+# attending to its video's first.  A batched decoder call stacks whole steps step-major, so each step's videos stay
+# consecutive and whole: the grouping is the same with ``batch_size`` times the steps (``frame_groups``).
+FRAME_GROUPED_PROCESSORS = frozenset({"CrossFrameAttnProcessor", "CrossFrameAttnProcessor2_0"})
 
 _FORWARD_SIGNATURE = inspect.signature(UNet2DConditionModel.forward)
 MIRRORED_VERSION = "0.42.1"     # the diffusers release whose UNet2DConditionModel.forward the split mirrors
@@ -37,8 +44,9 @@ def unsupported_unet_reason(unet) -> str | None:
     c = unet.config
     if c.time_cond_proj_dim is not None:
         return f"time_cond_proj_dim={c.time_cond_proj_dim} (a guidance-embedding / LCM-distilled UNet)"
-    if c.addition_embed_type not in (None, "text_time"):
-        return f"addition_embed_type={c.addition_embed_type!r} (only None and SDXL's 'text_time' are mirrored)"
+    if c.addition_embed_type not in (None, "text", "text_time"):
+        return (f"addition_embed_type={c.addition_embed_type!r} "
+                "(only None, DeepFloyd-IF's 'text' and SDXL's 'text_time' are mirrored)")
     if c.encoder_hid_dim_type not in (None, "text_proj"):
         return (f"encoder_hid_dim_type={c.encoder_hid_dim_type!r} "
                 "(IP-Adapter and image projections are not mirrored; unload the IP-Adapter)")
@@ -46,7 +54,8 @@ def unsupported_unet_reason(unet) -> str | None:
 
 
 def unsupported_processor_reason(unet) -> str | None:
-    names = sorted({type(p).__name__ for p in unet.attn_processors.values()} - ROW_WISE_PROCESSORS)
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()} - ROW_WISE_PROCESSORS
+                   - FRAME_GROUPED_PROCESSORS)
     if names:
         return f"attention processors {', '.join(names)} are not known to treat batch rows independently"
     return None
@@ -109,6 +118,22 @@ class DiffusersCall:
     cross_attention_kwargs: dict | None = None      # without the LoRA "scale" (popped, as the forward's decorator does)
     down_residuals: tuple | None = None             # ControlNet: added to the skips (decoder side)
     mid_residual: torch.Tensor | None = None        # ControlNet: added to the middle block's output
+    steps: int = 1                                  # steps stacked step-major in this call (``tile``)
+
+
+@contextlib.contextmanager
+def frame_groups(unet, steps: int):
+    """Cross-frame attention processors (``FRAME_GROUPED_PROCESSORS``) told that a call stacks ``steps`` steps: their
+    ``batch_size`` times ``steps`` while it runs (each processor splits the rows into ``batch_size`` groups)."""
+    processors = unet.attn_processors.values() if steps > 1 else ()
+    scaled = {id(p): (p, p.batch_size) for p in processors if type(p).__name__ in FRAME_GROUPED_PROCESSORS}
+    for p, size in scaled.values():
+        p.batch_size = size * steps
+    try:
+        yield
+    finally:
+        for p, size in scaled.values():
+            p.batch_size = size
 
 
 def row_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -267,6 +292,10 @@ class DiffusersUNetAdapter:
         return Features(list(down_block_res_samples), sample, forward_upsample_size)
 
     def decode(self, call: ModelCall, features: Features, emb: torch.Tensor) -> torch.Tensor:
+        with frame_groups(self.unet, call.host.steps):
+            return self._decode(call, features, emb)
+
+    def _decode(self, call: ModelCall, features: Features, emb: torch.Tensor) -> torch.Tensor:
         u, h = self.unet, call.host
         forward_upsample_size = features.meta
         upsample_size = None
@@ -304,7 +333,7 @@ class DiffusersUNetAdapter:
         h = call.host
         added = None if h.added_cond_kwargs is None else {k: _rows(v, n) for k, v in h.added_cond_kwargs.items()}
         host = DiffusersCall(_rows(h.class_labels, n), added, _rows(h.attention_mask, n),
-                             _rows(h.encoder_attention_mask, n), h.cross_attention_kwargs, None, None)
+                             _rows(h.encoder_attention_mask, n), h.cross_attention_kwargs, None, None, steps=n)
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=_rows(call.context, n), host=host)
 
     def own_step_reason(self, call: ModelCall) -> str | None:
