@@ -316,6 +316,12 @@ class Run:
         """A call the host ran in full without asking (a bypassed run's, counted outside the UNet)."""
         self.stats.full_calls += 1
 
+    def full_call(self, reason: str):
+        """A call the host runs in full for ``reason``, found at the call, that rules the whole run out (the same at
+        every call): counted, and the stats say why, as for a run bypassed from its start."""
+        self.stats.full_calls += 1
+        self.stats.bypassed = self.stats.bypassed or reason
+
 
 def log_line(text: str, warn: bool):
     (log.warning if warn else log.info)(text)

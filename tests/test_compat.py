@@ -365,6 +365,46 @@ def test_easycache_and_lazycache_pass_through(pack, digits, caplog, name, order)
     assert config.reports[-1]["cached_calls"] == 0
 
 
+def test_a_diffusion_model_wrapper_inside_faster_diffusions_runs_every_step_in_full(pack, digits, caplog):
+    """A DIFFUSION_MODEL wrapper added after Apply (AnimateDiff-Evolved adds one at sampling time for its GroupNorm
+    hack) sits inside FasterDiffusion's and wraps the host's forward, which the split's calls go around: the run
+    computes every step in full through it (bit for bit), one log line names it.  Added before Apply, it is outside
+    and wraps the split's calls too: served."""
+    import comfy.patcher_extension
+    model, tok = digits
+    conds = conditioning(tok)
+    calls = []
+
+    def halve_noise(executor, x, *args, **kwargs):       # a wrapper that changes what the forward computes
+        calls.append(x.shape[0])
+        return executor(x * 0.5, *args, **kwargs)
+
+    def wrapped(m):
+        m = m.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "halve", halve_noise)
+        return m
+    alone = ksampler(wrapped(model), *conds)
+    inside = wrapped(apply(pack, model, KEYS)[0])
+    config = inside.model_options["transformer_options"][pack.cu.KEY]      # the clone's own copy
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        out = ksampler(inside, *conds)
+    assert torch.equal(out, alone)
+    lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
+    assert lines == [f"FasterDiffusion [{KEYS}]: {STEPS} steps; a DIFFUSION_MODEL wrapper inside FasterDiffusion's "
+                     f"({__name__}.{halve_noise.__qualname__}) wraps the UNet's forward, which the split would go "
+                     "around at every served call: every step ran in full (apply that wrapper's node before "
+                     "FasterDiffusion Apply to put it outside)"]
+    r = config.reports[-1]
+    assert (r["full_calls"], r["cached_calls"]) == (STEPS, 0), r
+    outside, config = apply(pack, wrapped(model), KEYS)
+    calls.clear()
+    served = ksampler(outside, *conds)
+    r = config.reports[-1]
+    assert not r.get("bypassed") and r["cached_calls"] > 0 and len(calls) == STEPS, (r, calls)
+    assert psnr(served, alone) > 20
+
+
 def test_torch_compile_model(pack, digits, caplog):
     """TorchCompileModel compiles the UNet's whole forward with FasterDiffusion's hook inside it.  Where the compiled
     UNet keeps guards on transformer_options (0.3.75), a run that skips steps serves outside dynamo's trace with the

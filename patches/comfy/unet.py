@@ -152,12 +152,27 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
 
 def call_slot(x, to) -> tuple:
     """What tells apart calls whose encoder features differ: the cond chunks, their order and the shape,
-    and the per-call patches (PAG's perturbed pass replaces an attention; IPAdapter-style packs add
-    patches).  A second call of one slot within one sampler evaluation gets its own occurrence (Run)."""
+    the per-call patches (PAG's perturbed pass replaces an attention; IPAdapter-style packs add
+    patches) and the frames of a context window.  A second call of one slot within one sampler evaluation gets
+    its own occurrence (Run)."""
     replaced = tuple(sorted((str(kind), repr(where), id(fn))
                             for kind, d in to.get("patches_replace", {}).items() for where, fn in d.items()))
     patches = tuple(sorted((str(name), tuple(map(id, fns))) for name, fns in to.get("patches", {}).items()))
-    return (tuple(to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), tuple(x.shape), replaced, patches)
+    return (tuple(to.get("uuids", ())), tuple(to.get("cond_or_uncond", ())), tuple(x.shape), replaced, patches,
+            window_frames(to))
+
+
+def window_frames(to) -> tuple:
+    """The frames a context-window call runs on: AnimateDiff-Evolved's sliding contexts (``ad_params["sub_idxs"]``) and
+    ComfyUI's own context windows (``context_window``) call the model once per window, on a subset of the frames,
+    with the same shapes and conds; schedules like "uniform" move the windows from step to step, so the window's
+    place in the calls of a step does not say which frames it holds.  Keyed by its frames, a window is served only
+    from a key step's features of the same frames; a window no key step of the group saw runs in full."""
+    ad = to.get("ad_params")
+    sub = ad.get("sub_idxs") if isinstance(ad, dict) else None
+    native = to.get("context_window")
+    return (tuple(sub) if sub is not None else None,
+            None if native is None else (getattr(native, "dim", None), tuple(getattr(native, "index_list", ()))))
 
 
 def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -170,6 +185,12 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
 
     if run is None or run.bypass or unet_unsupported_reason(unet):
         return full()          # a bypassed run's calls are counted outside the UNet (count_bypassed_call)
+    inner = inner_wrappers(executor)
+    if inner:
+        run.full_call(f"a DIFFUSION_MODEL wrapper inside FasterDiffusion's ({inner}) wraps the UNet's forward, which "
+                      "the split would go around at every served call: every step ran in full (apply that wrapper's "
+                      "node before FasterDiffusion Apply to put it outside)")
+        return full()
     if "multigpu_thread_device" in to:    # a MultiGPU thread the run's set-up did not see coming: stay out
         run.count_full_call()
         return full()
@@ -179,6 +200,14 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     compiled = to.get(COMPILE_KEY)
     adapter = LdmUNetAdapter(unet) if compiled is None else CompiledAdapter(unet, compiled_split(unet, compiled))
     return run.forward(adapter, call, step, full)
+
+
+def inner_wrappers(executor) -> str:
+    """The DIFFUSION_MODEL wrappers nested inside ours (added to the model after Apply, e.g. AnimateDiff-Evolved's
+    GroupNorm hack at sampling time), by name: they wrap the host's forward, which the split's encoder and decoder
+    calls go around."""
+    inner = executor.wrappers[executor.idx + 1:]
+    return ", ".join(f"{getattr(w, '__module__', '?')}.{getattr(w, '__qualname__', type(w).__name__)}" for w in inner)
 
 
 # TorchCompileModel compiles the UNet's forward with the DIFFUSION_MODEL wrapper in it: a served run's wrapper runs
