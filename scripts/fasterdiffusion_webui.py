@@ -46,7 +46,7 @@ ui = _hosts.webui.ui
 
 class FasterDiffusionScript(scripts.Script):
     """API: ``"alwayson_scripts": {"fasterdiffusion": {"args": [enabled, strategy, parallel,
-    max_decoder_batch, injection_alpha, propagation]}}`` (shorter lists take the defaults)."""
+    max_decoder_batch, injection_alpha, propagation, controlnet_reuse]}}`` (shorter lists take the defaults)."""
 
     def title(self):
         return "FasterDiffusion"

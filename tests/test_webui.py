@@ -512,16 +512,16 @@ def test_infotext_xyz_and_api_args(webui, unet, ks):
     info = dict(p.extra_generation_params)
     assert info.pop("FD stats") == "6 steps: encoder 2x, skipped 4x"       # written after sampling
     assert info == {"FasterDiffusion": "uniform:3", "FD parallel": False, "FD max batch": 8, "FD injection": 0.003,
-                    "FD propagation": "forecast"}
+                    "FD propagation": "forecast", "FD ControlNet reuse": True}
     restored = glue.settings_from_infotext({k: str(v) for k, v in info.items()})
     assert restored == dict(enabled=True, strategy="uniform:3", parallel=False, max_decoder_batch=8,
-                            injection_alpha=0.003, propagation="forecast")
+                            injection_alpha=0.003, propagation="forecast", controlnet_reuse=True)
     assert glue.settings_from_infotext({"Steps": "20"})["enabled"] is False
     # an infotext written before forecast existed was made with reuse: pasting it restores reuse
     assert glue.settings_from_infotext({"FasterDiffusion": "paper"})["propagation"] == "reuse"
     _, p, _ = generate(webui, sd, [True], ks.sample_euler)                 # API: a short args list
     assert p.extra_generation_params == {"FasterDiffusion": "paper", "FD propagation": "forecast",
-                                         "FD stats": "6 steps: encoder 5x, skipped 1x"}
+                                         "FD ControlNet reuse": True, "FD stats": "6 steps: encoder 5x, skipped 1x"}
     _, p, _ = generate(webui, sd, [True, "uniform:2", True, 32, 0.0, "reuse"], ks.sample_euler)
     assert p.extra_generation_params["FD propagation"] == "reuse"
     # XYZ axes set p.fd_enabled / p.fd_strategy before process()
@@ -548,7 +548,7 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
     gr.made.clear()
     components = webui.script.ui(False)
     kinds = [c.kind for c in components]
-    assert kinds == ["InputAccordion", "Textbox", "Checkbox", "Slider", "Slider", "Dropdown"]
+    assert kinds == ["InputAccordion", "Textbox", "Checkbox", "Slider", "Slider", "Dropdown", "Checkbox"]
     assert {k for k, *_ in [(c.kind,) for c in gr.made]} <= {"InputAccordion", "Textbox", "HTML", "Row", "Checkbox", "Slider",
                                                              "Dropdown"}
     html = next(c for c in gr.made if c.kind == "HTML").value
@@ -556,6 +556,8 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
     fields = dict((c, f) for c, f in webui.script.infotext_fields)
     assert fields[components[1]]({"FasterDiffusion": "0,1,5"}) == "0,1,5" and fields[components[0]]({}) is False
     assert fields[components[5]]({"FasterDiffusion": "paper", "FD propagation": "forecast"}) == "forecast"
+    assert fields[components[6]]({"FasterDiffusion": "paper", "FD ControlNet reuse": "False"}) is False
+    assert components[6].value is True and webui.script.paste_field_names[-1] == "FD ControlNet reuse"
     tabs = webui.callbacks.registered["on_ui_tabs"][0]()
     assert tabs[0][1:] == ("FasterDiffusion", "fasterdiffusion")
     # XYZ axes on a stand-in of the built-in xyz_grid module, added once
@@ -569,7 +571,7 @@ def test_ui_accordion_tab_xyz_and_json(webui, tmp_path):
     finally:
         sys.modules["modules.scripts"].scripts_data.clear()
     assert [o.label for o in xyz.axis_options] == ["[FasterDiffusion] Enabled", "[FasterDiffusion] Strategy",
-                                                   "[FasterDiffusion] Propagation"]
+                                                   "[FasterDiffusion] Propagation", "[FasterDiffusion] ControlNet reuse"]
     assert xyz.axis_options[2].choices() == ["forecast", "reuse"]
     target = SimpleNamespace()
     xyz.axis_options[1].apply(target, "uniform:2", None)

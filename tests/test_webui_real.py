@@ -18,6 +18,12 @@ seeded random checkpoint) and prints the command:
 
 ``FD_CHROMIUM`` (a path, or ``1`` for the one on PATH) or ``CI`` makes the browser test fail instead of
 skipping when Chromium or Playwright is missing.
+
+ControlNet reuse (``controlnet_reuse``) is tested with a fake of the ControlNet extension's call pattern only
+(tests/test_webui_controlnet.py): Mikubill/sd-webui-controlnet is not installed here.  Its ``scripts/controlnet.py``
+fails to load without ``controlnet_aux`` (imported by ``annotator/mobile_sam``), and the extension's pin
+``controlnet-aux==0.0.9`` pulls numpy 2 and timm 0.6.7 into A1111 v1.10.1's venv (numpy 1.26.2, which gradio 3.41
+needs); a real-host test would also need a seeded random SD1.5 ControlNet checkpoint in ``models/ControlNet``.
 """
 from __future__ import annotations
 

@@ -16,11 +16,20 @@ registry, so the FasterDiffusion script is driven here through fakes that reprod
     Forge's hires pass, with Forge's ``forge_objects`` reset between) -> sample -> ``postprocess`` (skipped
     when sampling raised);
   * ``ForgeModel`` / ``UnetPatcher``: Forge's patcher clone, ``add_object_patch`` (applied while "loaded"),
-    ``transformer_options`` with ``cond_or_uncond`` and ``sigmas``, ``model_sampling`` for sigma -> t.
+    ``transformer_options`` with ``cond_or_uncond`` and ``sigmas``, ``model_sampling`` for sigma -> t;
+  * ``ControlNetExtension``: the call pattern of Mikubill/sd-webui-controlnet's ``UnetHook`` (scripts/hook.py):
+    its replaced UNet forward (``forward_webui`` bound to the UNet, the hook in its closure), each unit's
+    ``control_model(x=, hint=, timesteps=, context=, y=, control_type=)`` at every call, the unit's weighting
+    (weight, soft injection, advanced weighting, ``cond_mark`` under CFG injection), the cond/uncond marks on the
+    contexts, and ``guidance_stopped`` from its ``on_cfg_denoiser`` handler with A1111's ``state.sampling_step``
+    (the sampler callback's step, one behind the evaluation); ``FakeControlNet``: cldm.ControlNet's shape (the
+    UNet encoder's copy, a hint block, one 1x1 "zero" conv per output), counting its forwards.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import enum
 import importlib.util
 import inspect
 import sys
@@ -212,9 +221,14 @@ def _ctx_len(cond):
     return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
 
 
+STATE = types.SimpleNamespace(sampling_step=0, sampling_steps=0)   # modules.shared.state
+CFG_DENOISER_CALLBACKS: list = []      # script_callbacks.on_cfg_denoiser's handlers (the ControlNet extension's)
+
+
 class CFG:
     """A1111's CFGDenoiser: ``mode`` "batched" (one call when context lengths match), "chunks" (one call per
-    batch-size chunk), "cond_only" (no uncond rows: Forge at CFG 1).  Different context lengths always split."""
+    batch-size chunk), "cond_only" (no uncond rows: Forge at CFG 1).  Different context lengths always split.
+    Before the model calls it runs the ``on_cfg_denoiser`` handlers with ``state.sampling_step``/``sampling_steps``."""
 
     def __init__(self, inner, mode="batched"):
         self.inner_model, self.mode = inner, mode
@@ -222,6 +236,8 @@ class CFG:
 
     def __call__(self, x, sigma, cond=None, uncond=None, cond_scale=5.0, **_):
         self.evaluations += 1
+        for handler in list(CFG_DENOISER_CALLBACKS):
+            handler(types.SimpleNamespace(x=x, sampling_step=STATE.sampling_step, total_sampling_steps=STATE.sampling_steps))
         b = x.shape[0]
         if self.mode == "cond_only":
             return self.inner_model(x, sigma, cond)
@@ -257,19 +273,25 @@ class KSampler:
             kw["sigma_min"], kw["sigma_max"] = float(sigmas[-2]), float(sigmas[0])
         return kw
 
+    @staticmethod
+    def callback_state(d):
+        STATE.sampling_step = d["i"]          # sd_samplers_common.Sampler.callback_state
+
     def sample(self, p, x, cond, uncond, steps=None):
         steps = steps or p.steps
         sigmas = self.model_wrap.get_sigmas(steps)
         extra = {"cond": cond, "uncond": uncond, "cond_scale": p.cfg_scale}
-        return self.func(self.model_wrap_cfg, x * sigmas[0], extra_args=extra, disable=True, callback=None,
+        STATE.sampling_steps, STATE.sampling_step = steps, 0          # launch_sampling
+        return self.func(self.model_wrap_cfg, x * sigmas[0], extra_args=extra, disable=True, callback=self.callback_state,
                          **self._kwargs(sigmas, steps))
 
     def sample_img2img(self, p, x, noise, cond, uncond, steps, t_enc):
         sigmas = self.model_wrap.get_sigmas(steps)
         sched = sigmas[steps - t_enc - 1:]
         extra = {"cond": cond, "uncond": uncond, "cond_scale": p.cfg_scale}
-        return self.func(self.model_wrap_cfg, x + noise * sched[0], extra_args=extra, disable=True, callback=None,
-                         **self._kwargs(sched, len(sched) - 1))
+        STATE.sampling_steps, STATE.sampling_step = t_enc + 1, 0
+        return self.func(self.model_wrap_cfg, x + noise * sched[0], extra_args=extra, disable=True,
+                         callback=self.callback_state, **self._kwargs(sched, len(sched) - 1))
 
 
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
@@ -468,3 +490,207 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None):
         if sigmas[i + 1] > 0:
             x = x + torch.randn(x.shape, generator=g) * sigmas[i + 1]
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The ControlNet extension (Mikubill/sd-webui-controlnet 56cec5b, scripts/hook.py and scripts/cldm.py): call pattern
+# --------------------------------------------------------------------------------------------------
+
+POSITIVE_MARK_TOKEN = 1024           # hook.py's marks on the contexts (process_sample marks cond / uncond)
+MARK_EPS = 1e-3
+
+
+def mark_context(ctx, positive):
+    """A context of the extension's marked conds: one extra first token of +-1024 (``mark_prompt_context``)."""
+    mark = torch.full_like(ctx[:, :1], POSITIVE_MARK_TOKEN if positive else -POSITIVE_MARK_TOKEN)
+    return torch.cat([mark, ctx], dim=1)
+
+
+def unmark_context(x):
+    """``unmark_prompt_context``: (cond_mark per row, the context without the mark token)."""
+    mark = x[:, 0, :]
+    marked = float(torch.mean(torch.abs(torch.abs(mark) - POSITIVE_MARK_TOKEN))) < MARK_EPS
+    if not marked:
+        return torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype), x
+    m = (torch.mean(torch.abs(mark + POSITIVE_MARK_TOKEN), dim=1) > MARK_EPS).float()
+    return m[:, None, None, None].to(x.dtype), x[:, 1:, :]
+
+
+class ControlModelType(enum.Enum):
+    ControlNet = "ControlNet, Lvmin Zhang"
+    T2I_StyleAdapter = "T2I_StyleAdapter, Chong Mou"
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self is ControlModelType.ControlNet
+
+
+class FakeControlNet(torch.nn.Module):
+    """cldm.ControlNet's forward on a toy scale: a copy of ``unet``'s encoder (time_embed, input blocks, middle
+    block; re-randomised from ``seed``), the hint block's output added after input block 0, one 1x1 conv per input
+    block and one for the middle block (random, not zero, so that every residual matters); returns the 13 raw
+    residuals.  ``forwards`` counts its forwards."""
+
+    def __init__(self, unet, seed, context_dim=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.model_channels = unet.model_channels
+        self.timestep_embedding = sys.modules[type(unet).__module__].timestep_embedding
+        self.time_embed = copy.deepcopy(unet.time_embed)
+        self.input_blocks = copy.deepcopy(unet.input_blocks)
+        self.middle_block = copy.deepcopy(unet.middle_block)
+        with torch.no_grad():
+            for w in self.parameters():
+                if w.dim() > 1:
+                    w.copy_(torch.randn(w.shape, generator=g) * w[0].numel() ** -0.5)
+            emb = self.time_embed(self.timestep_embedding(torch.zeros(1), self.model_channels, repeat_only=False))
+            h, ctx, chans = torch.zeros(1, unet.in_channels, 8, 8), torch.zeros(1, 1, context_dim), []
+            for module in self.input_blocks:
+                h = module(h, emb, ctx)
+                chans.append(h.shape[1])
+            chans.append(self.middle_block(h, emb, ctx).shape[1])
+        self.hint_block = torch.nn.Conv2d(3, chans[0], 8, stride=8)
+        self.zero_convs = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 1) for c in chans)
+        with torch.no_grad():
+            for conv in (self.hint_block, *self.zero_convs):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * conv.weight[0].numel() ** -0.5)
+                conv.bias.zero_()
+        self.forwards = 0
+
+    def forward(self, x, hint, timesteps, context, y=None, **kwargs):
+        self.forwards += 1
+        emb = self.time_embed(self.timestep_embedding(timesteps, self.model_channels, repeat_only=False))
+        guided_hint = self.hint_block(hint.to(x.dtype))
+        outs, h = [], x
+        for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = module(h, emb, context)
+            if i == 0:
+                h = h + guided_hint
+            outs.append(zero_conv(h))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.zero_convs[-1](h))
+        return outs
+
+
+class PlugableControlModel(torch.nn.Module):
+    """cldm.PlugableControlModel: what ``param.control_model`` is (the net in ``.control_model``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.control_model = net
+
+    def forward(self, *args, **kwargs):
+        return self.control_model(*args, **kwargs)
+
+
+class ControlParams:
+    """hook.ControlParams: one enabled unit (the fields the forward reads)."""
+
+    def __init__(self, control_model, hint_cond, weight=1.0, start=0.0, end=1.0, soft_injection=False,
+                 cfg_injection=False, advanced_weighting=None, control_model_type=ControlModelType.ControlNet,
+                 hr_option="both"):
+        self.control_model, self.hint_cond, self.weight = control_model, hint_cond, weight
+        self.guidance_stopped = False
+        self.start_guidance_percent, self.stop_guidance_percent = start, end
+        self.soft_injection, self.cfg_injection, self.advanced_weighting = soft_injection, cfg_injection, advanced_weighting
+        self.global_average_pooling = False
+        self.control_model_type, self.hr_option = control_model_type, hr_option
+        self.used_hint_cond = None
+
+    def disabled_by_hr_option(self, is_in_high_res_fix):
+        return (self.hr_option == "low_res_only" and is_in_high_res_fix) or \
+               (self.hr_option == "high_res_only" and not is_in_high_res_fix)
+
+
+class ControlNetExtension:
+    """hook.UnetHook: ``hook`` replaces the UNet's forward (the bound ``forward_webui``, this object in its
+    closure) and registers ``guidance_schedule_handler`` with on_cfg_denoiser; ``restore`` undoes both.
+    ``step_weights``: optional {unit index: callable(sampling_step) -> weight}, a per-step weight set by the
+    handler (as an extension scheduling ``param.weight`` would)."""
+
+    def __init__(self):
+        self.model = None
+        self.control_params = None
+        self.is_in_high_res_fix = False
+        self.step_weights = {}
+        self.stopped_log = []          # per handler call: [guidance_stopped of each unit]
+
+    def guidance_schedule_handler(self, x):
+        if not self.control_params:
+            return
+        for i, param in enumerate(self.control_params):
+            current_sampling_percent = (x.sampling_step / x.total_sampling_steps)
+            param.guidance_stopped = current_sampling_percent < param.start_guidance_percent or \
+                current_sampling_percent > param.stop_guidance_percent
+            if i in self.step_weights:
+                param.weight = self.step_weights[i](x.sampling_step)
+        self.stopped_log.append([p.guidance_stopped for p in self.control_params])
+
+    def hook(self, model, control_params):
+        self.model, self.control_params = model, control_params
+        outer = self
+
+        def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+            total_controlnet_embedding = [0.0] * 13
+            cond_mark, context = unmark_context(context)
+            for param in outer.control_params:
+                if param.used_hint_cond is None:
+                    param.used_hint_cond = param.hint_cond
+            outer.is_in_high_res_fix = False
+            for param in outer.control_params:
+                if param.guidance_stopped or param.disabled_by_hr_option(outer.is_in_high_res_fix):
+                    continue
+                if not param.control_model_type.is_controlnet:
+                    continue
+                control = param.control_model(x=x, hint=param.used_hint_cond, timesteps=timesteps, context=context,
+                                              y=y, control_type=None)
+                control_scales = [param.weight] * 13
+                if param.cfg_injection or param.global_average_pooling:
+                    control = [c * cond_mark for c in control]
+                if param.soft_injection:
+                    control_scales = [param.weight * (0.825 ** float(12 - i)) for i in range(13)]
+                if param.advanced_weighting is not None:
+                    control_scales = param.advanced_weighting
+                control = [c * scale for c, scale in zip(control, control_scales)]
+                for idx, item in enumerate(control):
+                    total_controlnet_embedding[idx] = item + total_controlnet_embedding[idx]
+            hs = []
+            with torch.no_grad():
+                emb = self.time_embed(sys.modules[type(self).__module__].timestep_embedding(
+                    timesteps, self.model_channels, repeat_only=False))
+                h = x
+                for module in self.input_blocks:
+                    h = module(h, emb, context)
+                    hs.append(h)
+                h = self.middle_block(h, emb, context)
+            h = aligned_adding(h, total_controlnet_embedding.pop())
+            for module in self.output_blocks:
+                h = torch.cat([h, aligned_adding(hs.pop(), total_controlnet_embedding.pop())], dim=1)
+                h = module(h, emb, context)
+            return self.out(h.type(x.dtype))
+
+        def forward_webui(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if outer.model is None:
+                    pass
+
+        model._original_forward = model.forward
+        model.forward = forward_webui.__get__(model, type(model))
+        CFG_DENOISER_CALLBACKS.append(self.guidance_schedule_handler)
+        return self
+
+    def restore(self):
+        if self.guidance_schedule_handler in CFG_DENOISER_CALLBACKS:
+            CFG_DENOISER_CALLBACKS.remove(self.guidance_schedule_handler)
+        self.control_params = None
+        if self.model is not None and "forward" in self.model.__dict__:
+            del self.model.forward
+            del self.model._original_forward
+
+
+def aligned_adding(base, x):
+    if isinstance(x, float):
+        return base if x == 0.0 else base + x
+    return base + x

@@ -25,7 +25,8 @@ still drives the loop:
   * another extension replaced ``forward`` ("shared" mode): sequential propagation; at a key step the
     host's loop runs and the block wrappers capture the encoder features; at a non-key step the input and
     middle blocks return the cached features and the host's decoder runs, so ControlNet adds this step's
-    residuals itself.
+    residuals itself (with ``controlnet_reuse``, ``controls``: the key step's raw ControlNet outputs, weighted
+    by the extension as it weights this step; controlnet.py).
 Nothing here imports A1111: the UNet class is recognised by its module name.
 """
 from __future__ import annotations
@@ -200,6 +201,7 @@ class UNetHook:
         self.run_of, self.step_of = run_of, step_of
         self.adapter = CompVisSplit(unet, self)
         self.shared = False           # another extension owns forward: sequential, host-driven decoding
+        self.controls = None          # shared mode with controlnet_reuse: the run's controlnet.ControlReuse
         self.state: _CallState | None = None
         self._own_depth = 0
         self._handles = []
@@ -275,13 +277,18 @@ class UNetHook:
 
     def _pre(self, module, args, kwargs):
         self.state = None
+        if self.controls is not None:
+            self.controls.current = None
         run = self.run_of()
         if run is None:
             return None
         call = make_call(self.unet, args, kwargs)
         if call is None:
             return None
-        result = run.forward(self.adapter, call, self.step_of(), lambda: PASS)
+        step = self.step_of()
+        if self.controls is not None:
+            self.controls.before(call, step)       # this call's slot; a late key before the run decides
+        result = run.forward(self.adapter, call, step, lambda: PASS)
         if result is PASS:
             self.state = None
         elif result is not DEFER:
@@ -292,6 +299,8 @@ class UNetHook:
         return None
 
     def _post(self, module, args, kwargs, output):
+        if self.controls is not None:
+            self.controls.after()
         state, self.state = self.state, None
         if state is None:
             return None

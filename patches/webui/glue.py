@@ -12,6 +12,8 @@ Per generation (``Generation``, made in ``Script.process``):
     ``p.comment`` (shown under the image) and the log, in ``finally``;
   * ``cleanup`` removes every hook: from ``postprocess``, at the start of the next generation (a run that
     raised never reaches ``postprocess``) and when the script is unloaded.
+Under the ControlNet extension's replaced forward (shared mode) ``controlnet_reuse`` runs its units' models at key
+steps only, for the run (``controlnet.py``); the run's line says how often they ran and were reused.
 No host module is imported at module level; ``modules.sd_unet`` is looked up only when present.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fasterdiffusion.settings import Settings
 from fasterdiffusion.samplers import STATE_PASSING, bypass_reason, forecast_off_reason
 from fasterdiffusion.strategy import StrategyError, make_plan
 
-from . import compvis
+from . import compvis, controlnet
 
 log = logging.getLogger("FasterDiffusion")
 
@@ -39,15 +41,17 @@ KEY_PARALLEL = "FD parallel"
 KEY_MAX_BATCH = "FD max batch"
 KEY_ALPHA = "FD injection"
 KEY_PROPAGATION = "FD propagation"   # always written when enabled: infotexts without it predate forecast (reuse)
+KEY_CONTROLNET = "FD ControlNet reuse"   # always written when enabled: infotexts without it predate it (off)
 KEY_STATS = "FD stats"          # written after sampling, never read back
 # the accordion's values, in ``ui()`` order (and the API's positional ``alwayson_scripts`` args)
-ARGS = ("enabled", "strategy", "parallel", "max_decoder_batch", "injection_alpha", "propagation")
+ARGS = ("enabled", "strategy", "parallel", "max_decoder_batch", "injection_alpha", "propagation", "controlnet_reuse")
 DEFAULTS = dict(enabled=False, strategy="paper", parallel=True, max_decoder_batch=32, injection_alpha=0.0,
-                propagation=DEFAULT_PROPAGATION)
+                propagation=DEFAULT_PROPAGATION, controlnet_reuse=True)
 
 
 def infotext(settings: Settings) -> dict:
-    """The infotext keys of a generation with FasterDiffusion (defaults left out, propagation always)."""
+    """The infotext keys of a generation with FasterDiffusion (defaults left out, propagation and ControlNet
+    reuse always)."""
     d = {KEY_STRATEGY: str(settings.strategy)}
     if not settings.parallel:
         d[KEY_PARALLEL] = False
@@ -56,6 +60,7 @@ def infotext(settings: Settings) -> dict:
     if settings.injection_alpha:
         d[KEY_ALPHA] = settings.injection_alpha
     d[KEY_PROPAGATION] = settings.propagation
+    d[KEY_CONTROLNET] = settings.controlnet_reuse
     return d
 
 
@@ -68,8 +73,8 @@ def _bool(v) -> bool:
 def read_settings(p, args) -> Settings | None:
     """The generation's settings from the accordion's values (``args`` in ``ARGS`` order, as positional
     ``alwayson_scripts`` args too, shorter lists take defaults) with XYZ overrides (``p.fd_enabled``,
-    ``p.fd_strategy``, ``p.fd_propagation``) applied; None where FasterDiffusion is off.  A bad strategy raises
-    StrategyError, a bad propagation ValueError."""
+    ``p.fd_strategy``, ``p.fd_propagation``, ``p.fd_controlnet_reuse``) applied; None where FasterDiffusion is
+    off.  A bad strategy raises StrategyError, a bad propagation ValueError."""
     values = dict(DEFAULTS)
     values.update({k: v for k, v in zip(ARGS, args) if v is not None})
     if getattr(p, "fd_enabled", None) is not None:
@@ -82,10 +87,15 @@ def read_settings(p, args) -> Settings | None:
         values["propagation"] = p.fd_propagation
         if getattr(p, "fd_enabled", None) is None:
             values["enabled"] = True
+    if getattr(p, "fd_controlnet_reuse", None) is not None:
+        values["controlnet_reuse"] = p.fd_controlnet_reuse
+        if getattr(p, "fd_enabled", None) is None:
+            values["enabled"] = True
     if not _bool(values["enabled"]):
         return None
     return Settings.of(str(values["strategy"]).strip() or "paper", _bool(values["parallel"]),
                        max(0, int(float(values["max_decoder_batch"]))), str(values["propagation"]).strip(),
+                       controlnet_reuse=_bool(values["controlnet_reuse"]),
                        injection_alpha=max(0.0, float(values["injection_alpha"])))
 
 
@@ -96,7 +106,8 @@ def settings_from_infotext(params: dict) -> dict:
                 parallel=_bool(params.get(KEY_PARALLEL, True)),
                 max_decoder_batch=int(float(params.get(KEY_MAX_BATCH, DEFAULTS["max_decoder_batch"]))),
                 injection_alpha=float(params.get(KEY_ALPHA, 0.0)),
-                propagation=params.get(KEY_PROPAGATION, "reuse" if on else DEFAULTS["propagation"]))
+                propagation=params.get(KEY_PROPAGATION, "reuse" if on else DEFAULTS["propagation"]),
+                controlnet_reuse=_bool(params.get(KEY_CONTROLNET, False if on else DEFAULTS["controlnet_reuse"])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +136,7 @@ class Generation:
         self.p = p
         self.run: Run | None = None
         self.step: int | None = None
+        self.evaluation = 0             # sampler evaluations so far (ControlNet reuse counts call slots per evaluation)
         self.reports: list[dict] = []
         self.lines: list[str] = []
         self.z_T = None
@@ -217,24 +229,51 @@ class Generation:
             return orig(model, x, *args, **kwargs)
         schedule, timesteps, kind = sched
         run = Run(self.settings, schedule, timesteps, why, forecast_off_reason(name, len(schedule) - 1))
+        reuses = []
         for h in self._hooks:
             h.shared = "forward" in h.unet.__dict__ and not getattr(h.unet.__dict__["forward"], "_fd_hook", None)
             if h.shared and not run.bypass:
+                reuse = self.controlnet_reuse(run, h)
+                if reuse is not None:
+                    reuses.append(reuse)
                 self._say("FasterDiffusion: another extension (ControlNet?) replaced the UNet's forward; "
-                          "propagating sequentially (no parallel decoders) under its forward", warn=False)
+                          "propagating sequentially (no parallel decoders) under its forward"
+                          + ("; ControlNet runs at key steps only (controlnet_reuse)" if reuse is not None else ""),
+                          warn=False)
         injector = self.injector(p, sampler, run, name, kind)
         self.run, self.step = run, None
         try:
             return orig(RunModel(model, run, injector, on_step=self._on_step), x, *args, **kwargs)
         finally:
             self.run = self.step = None
-            run.close(self.reports, self._say)
+            for reuse in reuses:
+                reuse.remove()
+                reuse.hook.controls = None
+            report = run.close(self.reports, self._say)
+            for reuse in reuses:
+                report["controlnet"] = reuse.counts.as_dict()
+                self._say(reuse.summary())
             if self.p is not None and hasattr(self.p, "extra_generation_params"):
                 # in the images' infotext (written after sampling; params.txt, written before, lacks it)
                 self.p.extra_generation_params[KEY_STATS] = "; ".join(map(short_report, self.reports))
 
     def _on_step(self, step):
         self.step = step            # the UNet hooks place this evaluation's calls on it
+        self.evaluation += 1
+
+    def controlnet_reuse(self, run, hook):
+        """ControlNet reuse for this run under the extension's forward on ``hook``'s UNet, or None (the setting is
+        off, or the forward is not the ControlNet extension's, or it has no served unit)."""
+        if not self.settings.controlnet_reuse:
+            return None
+        outer = controlnet.extension_hook(hook.unet)
+        if outer is None:
+            return None
+        reuse = controlnet.ControlReuse(run, hook, outer.control_params, lambda: self.evaluation)
+        if not reuse.units:
+            return None
+        hook.controls = reuse.install()
+        return reuse
 
     def injector(self, p, sampler, run, name, kind):
         a = self.settings.injection_alpha
@@ -260,10 +299,15 @@ class Generation:
 
 
 def short_report(r: dict) -> str:
-    """One run's stats for the infotext: "20 steps: encoder 7x, skipped 13x" (or why it ran in full)."""
+    """One run's stats for the infotext: "20 steps: encoder 7x, skipped 13x" (or why it ran in full), and with
+    ControlNet reuse ", ControlNet 9x, reused 11x" (the units' model runs and reuses)."""
     if r.get("bypassed"):
         return f"{r['steps']} steps: full ({r['bypassed'].split(':')[0]})"
-    return f"{r['steps']} steps: encoder {r['encoder_calls'] + r['full_calls']}x, skipped {r['cached_calls']}x"
+    text = f"{r['steps']} steps: encoder {r['encoder_calls'] + r['full_calls']}x, skipped {r['cached_calls']}x"
+    c = r.get("controlnet")
+    if c:
+        text += f", ControlNet {c['key'] + c['fresh']}x, reused {c['reused']}x"
+    return text
 
 
 def _eps_shift(sigma, dx):

@@ -53,6 +53,9 @@ def accordion(script, is_img2img: bool):
                                   elem_id=script.elem_id("fd_propagation"),
                                   label="Non-key steps get: forecast (features extrapolated from the last key steps, "
                                         "closer to the full image) or reuse (the last key step's, the paper's)")
+        controlnet_reuse = gr.Checkbox(value=glue.DEFAULTS["controlnet_reuse"], elem_id=script.elem_id("fd_controlnet_reuse"),
+                                       label="ControlNet at key steps only (non-key steps reuse the key step's "
+                                             "ControlNet residuals, weighted as each step weights them)")
     fields = glue.settings_from_infotext
     script.infotext_fields = [
         (enabled, lambda d: fields(d)["enabled"]),
@@ -61,10 +64,11 @@ def accordion(script, is_img2img: bool):
         (max_decoder_batch, lambda d: fields(d)["max_decoder_batch"]),
         (injection_alpha, lambda d: fields(d)["injection_alpha"]),
         (propagation, lambda d: fields(d)["propagation"]),
+        (controlnet_reuse, lambda d: fields(d)["controlnet_reuse"]),
     ]
     script.paste_field_names = [glue.KEY_STRATEGY, glue.KEY_PARALLEL, glue.KEY_MAX_BATCH, glue.KEY_ALPHA,
-                                glue.KEY_PROPAGATION]
-    return [enabled, strategy, parallel, max_decoder_batch, injection_alpha, propagation]   # glue.ARGS
+                                glue.KEY_PROPAGATION, glue.KEY_CONTROLNET]
+    return [enabled, strategy, parallel, max_decoder_batch, injection_alpha, propagation, controlnet_reuse]   # glue.ARGS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def tab():
 # --------------------------------------------------------------------------------------------------
 
 def add_xyz_axes():
-    """[FasterDiffusion] Enabled / Strategy / Propagation axes on the built-in X/Y/Z plot script (hosts.md C1)."""
+    """[FasterDiffusion] Enabled / Strategy / Propagation / ControlNet reuse axes on the built-in X/Y/Z plot script (hosts.md C1)."""
     from modules import scripts
     found = [d for d in scripts.scripts_data if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")]
     if not found:
@@ -164,6 +168,8 @@ def add_xyz_axes():
         xyz.AxisOption("[FasterDiffusion] Strategy", str, _apply_field("fd_strategy"), confirm=_confirm_strategies),
         xyz.AxisOption("[FasterDiffusion] Propagation", str, _apply_field("fd_propagation"),
                        choices=lambda: list(glue.PROPAGATIONS)),
+        xyz.AxisOption("[FasterDiffusion] ControlNet reuse", str, _apply_field("fd_controlnet_reuse"),
+                       choices=lambda: ["True", "False"]),
     ])
     return True
 
