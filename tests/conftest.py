@@ -25,6 +25,8 @@ if message := wrong_interpreter("test"):      # before any import the test host 
 
 import requests  # noqa: E402
 
+pytest_plugins = ["diffusers_checks"]          # the diffusers tests' fixtures (one_thread, patch)
+
 import testmodel as tm  # noqa: E402
 
 @pytest.fixture(scope="session")

@@ -19,26 +19,17 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 import diffusers_tiny as dt  # noqa: E402
+from diffusers_checks import rel, state_of, step_outputs  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
 from fasterdiffusion.runtime import Run, decode_steps  # noqa: E402
 from fasterdiffusion.settings import Settings  # noqa: E402
 from fasterdiffusion.strategy import make_plan, parse_strategy  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # diffusers_checks.one_thread
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
 PAPER_20 = [2, 5, 5, 5]          # decoder batches of the paper's keys 0,1,2,3,5,10,15 at 20 steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 KINDS = {
@@ -59,41 +50,6 @@ def pipeline(kind):
 
 def sample(kind, pipe=None, **kw):
     return dt.run(pipe or pipeline(kind), **{"steps": STEPS, **KINDS[kind][1], **kw})
-
-
-@pytest.fixture
-def patch():
-    """apply() that is undone after the test, whatever happens in it; propagation "reuse" unless asked (these
-    tests compare with the key step's own features; forecast: test_forecast_parallel_equals_sequential)."""
-    handles = []
-
-    def do(pipe, *a, **k):
-        handles.append(fdd.apply(pipe, *a, **{"propagation": "reuse", **k}))
-        return handles[-1]
-    yield do
-    for h in reversed(handles):
-        h.remove()
-
-
-def state_of(pipe):
-    """What apply() may touch and remove() must restore: the class, the instance dicts (the pipeline's own
-    per-call values such as _guidance_scale aside), the components, the bound forward."""
-    return (type(pipe), sorted(vars(pipe)), {k: id(v) for k, v in pipe.components.items()}, sorted(vars(pipe.unet)),
-            sorted(vars(pipe.scheduler)), type(pipe).__call__, pipe.unet.forward.__func__)
-
-
-def step_outputs(pipe):
-    """Record the model output every scheduler.step receives (after guidance) during the next calls."""
-    sched = pipe.scheduler
-    original = sched.step
-    outs = []
-
-    @functools.wraps(original)
-    def step(model_output, *a, **k):
-        outs.append(model_output.clone())
-        return original(model_output, *a, **k)
-    vars(sched)["step"] = step
-    return outs, lambda: vars(sched).pop("step")
 
 
 # ------------------------------------------------------------------------------------ install, import

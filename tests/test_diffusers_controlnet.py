@@ -17,23 +17,14 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 import diffusers_tiny as dt  # noqa: E402
+from diffusers_checks import rel  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
 from fasterdiffusion.runtime import Outcome, Run, format_report  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # diffusers_checks.one_thread
+
 STEPS = 20
 PAPER = [0, 1, 2, 3, 5, 10, 15]          # paper's keys at 20 steps: groups [3,4] [5..9] [10..14] [15..19]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def multi(seed: int = 0):
@@ -70,19 +61,6 @@ def sample(kind, **kw):
 def nets_of(pipe):
     cn = pipe.controlnet
     return list(cn.nets) if isinstance(cn, diffusers.MultiControlNetModel) else [cn]
-
-
-@pytest.fixture
-def patch():
-    """apply() undone after the test; propagation "reuse" unless asked (non-key steps compare with the key's)."""
-    handles = []
-
-    def do(pipe, *a, **k):
-        handles.append(fdd.apply(pipe, *a, **{"propagation": "reuse", **k}))
-        return handles[-1]
-    yield do
-    for h in reversed(handles):
-        h.remove()
 
 
 class Recorder:

@@ -24,10 +24,9 @@ import diffusers_tiny_if as dti  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
 from fasterdiffusion.runtime import decode_steps  # noqa: E402
 from fasterdiffusion.strategy import IF_PRESETS, make_plan  # noqa: E402
-import test_diffusers  # noqa: E402
-from test_diffusers import rel, state_of, step_outputs  # noqa: E402
+from diffusers_checks import rel, state_of, step_outputs  # noqa: E402
 
-one_thread, patch = test_diffusers.one_thread, test_diffusers.patch     # its fixtures, here by these names
+pytestmark = pytest.mark.usefixtures("one_thread")     # diffusers_checks.one_thread
 
 STEPS = 20
 BUILDERS = {1: dti.stage1, 2: dti.stage2}

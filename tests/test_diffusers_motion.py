@@ -17,10 +17,9 @@ import diffusers_tiny_motion as dtm  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
 from fasterdiffusion.diffusers import motion  # noqa: E402
 from fasterdiffusion.runtime import decode_steps  # noqa: E402
-import test_diffusers as td  # noqa: E402
-from test_diffusers import rel, state_of, step_outputs  # noqa: E402
+from diffusers_checks import rel, state_of, step_outputs  # noqa: E402
 
-one_thread, patch = td.one_thread, td.patch      # its fixtures: one thread; apply() undone after each test
+pytestmark = pytest.mark.usefixtures("one_thread")     # diffusers_checks.one_thread
 
 STEPS = 20
 F = dtm.FRAMES

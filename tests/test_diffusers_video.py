@@ -19,6 +19,7 @@ from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_vid
 
 import diffusers_tiny as dt  # noqa: E402
 import diffusers_tiny_video as dv  # noqa: E402
+from diffusers_checks import rel  # noqa: E402
 from fasterdiffusion import diffusers as fdd  # noqa: E402
 from fasterdiffusion.runtime import decode_steps, format_report  # noqa: E402
 
@@ -39,10 +40,6 @@ def quiet_one_thread():
     torch.set_num_threads(n)
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 KINDS = {
     "svd": (dv.svd, dv.run_svd),
     "t2v": (dv.t2v, dv.run_t2v),
@@ -58,19 +55,6 @@ def pipeline(kind):
 
 def sample(kind, **kw):
     return KINDS[kind][1](pipeline(kind), **{"steps": STEPS, **kw})
-
-
-@pytest.fixture
-def patch():
-    """apply() undone after the test; propagation "reuse" unless asked."""
-    handles = []
-
-    def do(pipe, *a, **k):
-        handles.append(fdd.apply(pipe, *a, **{"propagation": "reuse", **k}))
-        return handles[-1]
-    yield do
-    for h in reversed(handles):
-        h.remove()
 
 
 def state_of(pipe):
