@@ -81,6 +81,14 @@ def unet(kind: str = "sd15", seed: int = 0, **overrides):
     return UNet2DConditionModel(**cfg).eval()
 
 
+def unclipped(pipe):
+    """``pipe`` with DDIM without ``clip_sample`` (the real SD / ModelScope scheduler configs; StableDiffusionPipeline
+    turns it off itself, the ControlNet and text-to-video pipelines do not): clipping every step's x0 to [-1, 1]
+    saturates a random-weight model's latents, and a benchmark's PSNR then measures the clipping, not the method."""
+    pipe.scheduler = scheduler("DDIMScheduler", clip_sample=False)
+    return pipe
+
+
 def scheduler(name: str = "EulerDiscreteScheduler", **kw):
     import diffusers
     cls = getattr(diffusers, name)

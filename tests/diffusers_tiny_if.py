@@ -118,8 +118,14 @@ def bench_cases():
     """name -> (build, call kwargs, strategy): IF stage I in IF-I-XL's layout (widths 32 x (1, 2, 3, 4), 3 resnets a
     level, attention at 32/16/8 px with 2/3/4 heads, 32 norm groups, 64 pooling heads) on its real 64 x 64 pixels and
     77 T5 tokens (512 wide instead of 4096), 100 DDPM steps with CFG 7, strategy ``if1`` (its own rule: 40 encoder
-    passes).  (Heads 32 wide, not 64: at width 32 a 64-wide head does not divide the 96 channels of level 2.)"""
+    passes).  (Heads 32 wide, not 64: at width 32 a 64-wide head does not divide the 96 channels of level 2.)  Stage II
+    in IF-II-L's layout (widths 16 x (1, 2, 4, 6, 8), resnets (2, 2, 3, 5, 5), 16 norm groups) from 16 to 64 pixels
+    (IF-II: 64 to 256), 50 DDPM steps, strategy ``if2`` (40 encoder passes)."""
     text_dim, tokens = 512, 77
     config = stage1_unet_config(width=32, size=64, text_dim=text_dim, layers=3, head_dim=32, pool_heads=64, groups=32)
+    config2 = stage2_unet_config(width=16, size=64, text_dim=text_dim, layers=(2, 2, 3, 5, 5), head_dim=32,
+                                 pool_heads=64, groups=16)
     return {"if1": (lambda: stage1(seed=0, unet_config=config),
-                    call_kwargs(1, 100, text_dim=text_dim, tokens=tokens), "if1")}
+                    call_kwargs(1, 100, text_dim=text_dim, tokens=tokens), "if1"),
+            "if2": (lambda: stage2(seed=0, unet_config=config2),
+                    call_kwargs(2, 50, text_dim=text_dim, tokens=tokens, low_res=16), "if2")}

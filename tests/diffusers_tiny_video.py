@@ -153,13 +153,23 @@ def _svd_xt_small():
 
 
 def _modelscope_small():
-    return t2v(unet_overrides=modelscope_layout())
+    return dt.unclipped(t2v(unet_overrides=modelscope_layout()))
+
+
+def _t2v_zero_small():
+    import diffusers
+    parts = dt._sd_parts(0, "DDIMScheduler", dt.sd15_layout(64, 16))
+    del parts["image_encoder"]
+    pipe = diffusers.TextToVideoZeroPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return dt.unclipped(pipe)
 
 
 def bench_cases():
     """name -> (build, call kwargs): small real-shaped layouts (see svd_xt_layout, modelscope_layout) at base width
     64, 4 frames of a 16 x 16 latent, 25 steps (SVD's default: Euler with Karras sigmas; ModelScope: DDIM, its
-    scheduler, at half its 50 steps so one unpatched CPU call stays near 25 s), CFG."""
+    scheduler, at half its 50 steps so one unpatched CPU call stays near 25 s), CFG; Text2Video-Zero on an SD1.5-layout
+    UNet at width 64 with its defaults t0 44, t1 47 of 50 steps moved to 21, 23 of 25."""
     g = lambda: torch.Generator().manual_seed(0)
     return {
         "svd_xt_small": (_svd_xt_small, dict(image=svd_image(0, 32), height=32, width=32, num_frames=4,
@@ -167,4 +177,7 @@ def bench_cases():
         "modelscope_t2v_small": (_modelscope_small, dict(prompt=dt.PROMPTS[0], num_frames=4, height=32, width=32,
                                                          num_inference_steps=25, guidance_scale=9.0,
                                                          output_type="latent", generator=g())),
+        "t2v_zero_small": (_t2v_zero_small, dict(prompt=dt.PROMPTS[0], video_length=4, height=32, width=32,
+                                                 num_inference_steps=25, guidance_scale=7.5, t0=21, t1=23,
+                                                 output_type="latent", generator=g())),
     }
