@@ -19,7 +19,7 @@ import torch
 from diffusers.models.unets.unet_motion_model import UNetMotionModel, UNetMotionOutput
 
 from ..runtime import Features, ModelCall, repeat_rows as _rows
-from .unet import row_timesteps
+from .unet import AdapterBase, bind_arguments, row_timesteps
 
 _FORWARD_SIGNATURE = inspect.signature(UNetMotionModel.forward)
 
@@ -58,15 +58,8 @@ def unsupported_call_reason(unet, a: dict) -> str | None:
 
 
 def forward_arguments(unet, args=(), kwargs=None) -> dict | None:
-    """The forward's arguments by name, defaults filled in (None if they do not bind)."""
-    try:
-        bound = _FORWARD_SIGNATURE.bind(unet, *args, **(kwargs or {}))
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    a = dict(bound.arguments)
-    del a["self"]
-    return a
+    """``UNetMotionModel.forward``'s arguments by name, defaults filled in (None if they do not bind)."""
+    return bind_arguments(_FORWARD_SIGNATURE, unet, args, kwargs)
 
 
 @dataclass
@@ -97,7 +90,7 @@ def _mask_bias(call: ModelCall):
     return None if am is None else ((1 - am.to(call.dtype)) * -10000.0).unsqueeze(1)
 
 
-class MotionUNetAdapter:
+class MotionUNetAdapter(AdapterBase):
     """The runtime's UNetAdapter (and the pipeline glue's, as ``DiffusersUNetAdapter``) for ``UNetMotionModel``.
 
     Differences from the host forward, all deliberate: the timestep embedding is computed per video from the call's
@@ -105,20 +98,11 @@ class MotionUNetAdapter:
     (FreeU scales it in place)."""
     unet_class = UNetMotionModel
 
-    def __init__(self, unet):
-        reason = self.unsupported_reason(unet)
-        if reason:
-            raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
-        self.unet = unet
-
     # ---- the pipeline glue's side
 
     @staticmethod
     def unsupported_reason(unet) -> str | None:
         return unsupported_unet_reason(unet)
-
-    def arguments(self, args, kwargs) -> dict | None:
-        return forward_arguments(self.unet, args, kwargs)
 
     def call_reason(self, a: dict) -> str | None:
         return unsupported_call_reason(self.unet, a)

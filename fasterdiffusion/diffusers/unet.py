@@ -149,16 +149,21 @@ def row_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
     return timesteps.expand(sample.shape[0])
 
 
-def forward_arguments(unet, args=(), kwargs=None) -> dict | None:
-    """The forward's arguments by name, defaults filled in (None if they do not bind)."""
+def bind_arguments(signature: inspect.Signature, unet, args=(), kwargs=None) -> dict | None:
+    """A forward's arguments by name (``signature``: the forward's), defaults filled in (None if they do not bind)."""
     try:
-        bound = _FORWARD_SIGNATURE.bind(unet, *args, **(kwargs or {}))
+        bound = signature.bind(unet, *args, **(kwargs or {}))
     except TypeError:
         return None
     bound.apply_defaults()
     a = dict(bound.arguments)
     del a["self"]
     return a
+
+
+def forward_arguments(unet, args=(), kwargs=None) -> dict | None:
+    """``UNet2DConditionModel.forward``'s arguments by name, defaults filled in (None if they do not bind)."""
+    return bind_arguments(_FORWARD_SIGNATURE, unet, args, kwargs)
 
 
 def make_call(a: dict, slot=()) -> ModelCall:
@@ -186,7 +191,26 @@ def _mask_biases(call: ModelCall):
     return am, eam
 
 
-class DiffusersUNetAdapter:
+class AdapterBase:
+    """What every diffusers adapter shares: it refuses a UNet its ``unsupported_reason`` names, and binds the
+    arguments of its ``unet_class``'s forward (the signature read once per adapter class)."""
+    unet_class: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._signature = inspect.signature(cls.unet_class.forward)
+
+    def __init__(self, unet):
+        reason = self.unsupported_reason(unet)
+        if reason:
+            raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
+        self.unet = unet
+
+    def arguments(self, args, kwargs) -> dict | None:
+        return bind_arguments(self._signature, self.unet, args, kwargs)
+
+
+class DiffusersUNetAdapter(AdapterBase):
     """The runtime's UNetAdapter for diffusers' ``UNet2DConditionModel``.
 
     Differences from the host forward, all deliberate: ControlNet residuals are added in the decoder (out
@@ -201,20 +225,11 @@ class DiffusersUNetAdapter:
     """
     unet_class = UNet2DConditionModel
 
-    def __init__(self, unet):
-        reason = self.unsupported_reason(unet)
-        if reason:
-            raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
-        self.unet = unet
-
     # ---- the pipeline glue's side
 
     @staticmethod
     def unsupported_reason(unet) -> str | None:
         return unsupported_unet_reason(unet)
-
-    def arguments(self, args, kwargs) -> dict | None:
-        return forward_arguments(self.unet, args, kwargs)
 
     def call_reason(self, a: dict) -> str | None:
         return unsupported_call_reason(a)

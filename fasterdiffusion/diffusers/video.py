@@ -12,7 +12,6 @@ layers, told the same frame count, see the same videos.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,19 +21,7 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (UNetSpatioTem
                                                                    UNetSpatioTemporalConditionOutput)
 
 from ..runtime import Features, ModelCall, repeat_rows
-from .unet import row_timesteps
-
-
-def _bind(signature: inspect.Signature, unet, args, kwargs) -> dict | None:
-    """A forward's arguments by name, defaults filled in (None if they do not bind)."""
-    try:
-        bound = signature.bind(unet, *args, **(kwargs or {}))
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    a = dict(bound.arguments)
-    del a["self"]
-    return a
+from .unet import AdapterBase, row_timesteps
 
 
 def _frame_rows(t: torch.Tensor, frames: int) -> torch.Tensor:
@@ -70,27 +57,17 @@ class SpatioTemporalCall:
         return self.image_only_indicator.shape[-1]
 
 
-class SpatioTemporalUNetAdapter:
+class SpatioTemporalUNetAdapter(AdapterBase):
     """The runtime's UNetAdapter (and the pipeline glue's, see ``unet.DiffusersUNetAdapter``) for
     ``UNetSpatioTemporalConditionModel``: the forward takes only sample, timestep, image embeddings and
     ``added_time_ids``, so every call can be split."""
     unet_class = UNetSpatioTemporalConditionModel
-    _signature = inspect.signature(UNetSpatioTemporalConditionModel.forward)
-
-    def __init__(self, unet):
-        reason = self.unsupported_reason(unet)
-        if reason:
-            raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
-        self.unet = unet
 
     # ---- the pipeline glue's side
 
     @staticmethod
     def unsupported_reason(unet) -> str | None:
         return _not_exact_class(unet, UNetSpatioTemporalConditionModel)
-
-    def arguments(self, args, kwargs) -> dict | None:
-        return _bind(self._signature, self.unet, args, kwargs)
 
     def call_reason(self, a: dict) -> str | None:
         return None
@@ -192,28 +169,18 @@ class SpatioTemporalUNetAdapter:
 # ModelScope / VideoFusion: UNet3DConditionModel, sample [batch, channels, frames, height, width]
 # --------------------------------------------------------------------------------------------------
 
-class UNet3DAdapter:
+class UNet3DAdapter(AdapterBase):
     """The runtime's UNetAdapter (and the pipeline glue's) for ``UNet3DConditionModel``.  ``call.host`` is the
     frame count.  What the text-to-video pipelines never pass is refused per call (``call_reason``): ControlNet
     residuals, ``timestep_cond``, ``attention_mask`` (per video while the attention's rows are per frame) and
     ``cross_attention_kwargs``."""
     unet_class = UNet3DConditionModel
-    _signature = inspect.signature(UNet3DConditionModel.forward)
-
-    def __init__(self, unet):
-        reason = self.unsupported_reason(unet)
-        if reason:
-            raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
-        self.unet = unet
 
     # ---- the pipeline glue's side
 
     @staticmethod
     def unsupported_reason(unet) -> str | None:
         return _not_exact_class(unet, UNet3DConditionModel)
-
-    def arguments(self, args, kwargs) -> dict | None:
-        return _bind(self._signature, self.unet, args, kwargs)
 
     def call_reason(self, a: dict) -> str | None:
         if a["down_block_additional_residuals"] is not None or a["mid_block_additional_residual"] is not None:
