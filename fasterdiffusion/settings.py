@@ -23,6 +23,7 @@ class Settings:
     controlnet_reuse    non-key steps reuse the key step's ControlNet residuals (ComfyUI, diffusers)
     injection_alpha     prior noise injection strength (0 = off; the sampler nodes, A1111/Forge)
     injection_threshold inject at steps whose model timestep is below this
+    encoder_blocks      transformers (DiT, Flux, Wan): how many blocks form the encoder; 0 = the model's default
     """
     strategy: Strategy
     parallel: bool = True
@@ -31,11 +32,13 @@ class Settings:
     controlnet_reuse: bool = True
     injection_alpha: float = 0.0
     injection_threshold: float = DEFAULT_THRESHOLD
+    encoder_blocks: int = 0
 
     @classmethod
     def of(cls, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
            propagation: str | Forecast = DEFAULT_PROPAGATION, controlnet_reuse: bool = True,
-           injection_alpha: float = 0.0, injection_threshold: float = DEFAULT_THRESHOLD) -> "Settings":
+           injection_alpha: float = 0.0, injection_threshold: float = DEFAULT_THRESHOLD,
+           encoder_blocks: int = 0) -> "Settings":
         """Settings from a user's values: a bad strategy raises StrategyError (with the grammar), any other bad
         value ValueError naming the setting and what it takes."""
         if isinstance(strategy, str):
@@ -45,8 +48,10 @@ class Settings:
         forecast_settings(propagation)       # raises ValueError naming the choices
         if not (math.isfinite(float(injection_alpha)) and float(injection_alpha) >= 0):
             raise ValueError(f"FasterDiffusion: injection_alpha must be >= 0 (0 = off), not {injection_alpha}")
+        if int(encoder_blocks) < 0:
+            raise ValueError(f"FasterDiffusion: encoder_blocks must be >= 0 (0 = the model's default), not {encoder_blocks}")
         return cls(strategy, bool(parallel), int(max_decoder_batch), propagation, bool(controlnet_reuse),
-                   float(injection_alpha), float(injection_threshold))
+                   float(injection_alpha), float(injection_threshold), int(encoder_blocks))
 
     @property
     def forecast(self) -> Forecast:

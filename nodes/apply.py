@@ -42,6 +42,15 @@ def propagation_input(tooltip=None):
             "(forecasting measured worse there; the stats say so).")
 
 
+def encoder_blocks_input():
+    """Optional and last, so that workflows saved without it load with the default."""
+    return io.Int.Input("encoder_blocks", default=0, min=0, max=200, optional=True, tooltip=
+            "Transformers only (Flux, Wan; UNets ignore it): how many of the model's transformer blocks form the "
+            "encoder that key steps run and other steps skip (Flux counts its double blocks, then its single ones). "
+            "More blocks skipped = faster, further from the full run. 0 = the model's default (the paper's DiT split "
+            "scaled: 18 of 28 blocks).")
+
+
 def strategy_inputs():
     """strategy, parallel, max_decoder_batch: the settings every encoder-propagation node shares, in this order."""
     return [
@@ -79,7 +88,7 @@ class FasterDiffusionApply(io.ComfyNode):
                 "logged and shown on this node."),
             inputs=[io.Model.Input("model", tooltip="The diffusion model to speed up (SD1.x, SD2.x, SDXL or SVD "
                                                     "UNet)."),
-                    *strategy_inputs(), controlnet_reuse_input(), propagation_input()],
+                    *strategy_inputs(), controlnet_reuse_input(), propagation_input(), encoder_blocks_input()],
             outputs=[io.Model.Output(tooltip="The model with FasterDiffusion hooked in (a clone; the input model "
                                              "is unchanged).")],
             hidden=[io.Hidden.unique_id],
@@ -91,7 +100,8 @@ class FasterDiffusionApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, strategy="paper", parallel=True, max_decoder_batch=32,
-                controlnet_reuse=True, propagation=DEFAULT_PROPAGATION) -> io.NodeOutput:
-        settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse)
+                controlnet_reuse=True, propagation=DEFAULT_PROPAGATION, encoder_blocks=0) -> io.NodeOutput:
+        settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse,
+                               encoder_blocks=encoder_blocks)
         patched, _ = apply_faster_diffusion(model, settings, node_id(cls))
         return io.NodeOutput(patched)

@@ -337,6 +337,16 @@ def flux_tiny_model(seed: int = 0):
     return build_model_patcher(comfy.supported_models.Flux(cfg), seed=seed)
 
 
+def sd3_tiny_model(seed: int = 0):
+    """A random-weight tiny SD3 (MMDiT): a transformer FasterDiffusion does not serve, which passes through."""
+    import comfy.supported_models
+    cfg = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, num_patches=64 * 64, pos_embed_max_size=64,
+               adm_in_channels=32, pos_embed_scaling_factor=None, qk_norm=None, x_block_self_attn_layers=[],
+               context_processor_layers=None,
+               context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}})
+    return build_model_patcher(comfy.supported_models.SD3(cfg), seed=seed)
+
+
 def digits_t2i_adapter(seed: int = 0):
     """A random-weight T2I-Adapter (comfy.t2i_adapter ``Adapter``) for the digits UNet, as ComfyUI's
     CONTROL_NET (comfy.controlnet.T2IAdapter).  Its three levels (32@8, 64@4, 64@2 for a 64x64 hint) are

@@ -40,13 +40,13 @@ def test_bad_strategy_is_refused_with_the_grammar(pack, digits):
 
 
 def test_other_model_classes_pass_through_with_one_log_line(pack, caplog):
-    model = tm.flux_tiny_model()
+    model = tm.sd3_tiny_model()
     with caplog.at_level(logging.INFO):
         (out,) = pack.Apply.execute(model, "paper", True, 32)
     assert out is model and not model.wrappers
     lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
-    assert lines == ["FasterDiffusion: passing the model through unchanged: "
-                     "Flux is not ComfyUI's UNetModel (SD1.x, SD2.x, SDXL)"]
+    assert lines == ["FasterDiffusion: passing the model through unchanged: OpenAISignatureMMDITWrapper is not a "
+                     "model FasterDiffusion serves (ComfyUI's UNetModel: SD1.x, SD2.x, SDXL, SVD; Flux; Wan 2.x)"]
 
 
 def test_apply_works_on_a_clone(pack, digits):

@@ -231,7 +231,8 @@ def test_unsupported_model_is_exactly_the_plain_sampler_with_one_line(nodes_, pa
     assert torch.equal(out, ksampler(nodes_, model, tok)), "no propagation and no injection"
     lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
     assert lines == [f"FasterDiffusion [paper]: {STEPS} steps; passing the model through unchanged: "
-                     "SomeOtherUNet is not ComfyUI's UNetModel (SD1.x, SD2.x, SDXL)"]
+                     "SomeOtherUNet is not a model FasterDiffusion serves (ComfyUI's UNetModel: SD1.x, SD2.x, SDXL, "
+                     "SVD; Flux; Wan 2.x)"]
 
 
 def test_zero_size_batch_gets_the_hosts_own_error(nodes_, pack, digits):

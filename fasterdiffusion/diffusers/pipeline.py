@@ -352,7 +352,7 @@ def _owning_subclass_of(pipe):
 
 
 def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
-          propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True):
+          propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True, encoder_blocks: int = 0):
     """Patch ``pipe`` (one of ``SUPPORTED_PIPELINES``: Stable Diffusion / SDXL / ControlNet text-to-image and img2img,
     DeepFloyd-IF stages I and II, Stable Video Diffusion, ModelScope text-to-video, Text2Video-Zero, AnimateDiff) in
     place with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
@@ -360,11 +360,13 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;
     ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).  ``controlnet_reuse``: a
     ControlNet runs at key steps only; non-key steps reuse its key-step residuals at their own scale (``controlnet.py``).
+    ``encoder_blocks``: transformers (DiT) only, how many blocks form the encoder (0 = the model's default).
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
     UNet it cannot serve, and StrategyError for a bad strategy string (the message shows the grammar).
     """
-    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse)
+    settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse,
+                           encoder_blocks=encoder_blocks)
     previous = _owning_subclass_of(pipe)
     if previous is not None:
         log.info("FasterDiffusion: the pipeline was already patched; the settings of the last apply() win")

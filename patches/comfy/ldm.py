@@ -22,6 +22,19 @@ def unsupported_reason(unet) -> str | None:
 
 
 class LdmUNetAdapter(ldm.LdmSplit):
+    unet_class = UNetModel
+    unsupported_reason = staticmethod(unsupported_reason)
+
+    @staticmethod
+    def make_call(unet, a: dict, slot) -> ModelCall:
+        """The ModelCall of ``UNetModel._forward``'s bound arguments (``adapters.bind``)."""
+        return make_call(a["x"], a["timesteps"], a["context"], a["y"], a["control"], a["transformer_options"],
+                         a["kwargs"], slot)
+
+    @classmethod
+    def for_run(cls, unet, settings):
+        return cls(unet)
+
     def encode(self, call: ModelCall, emb) -> Features:
         h = call.host
         if not isinstance(h.control, DeferredControl):

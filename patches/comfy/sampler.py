@@ -15,7 +15,7 @@ import comfy.samplers
 from ...fasterdiffusion.injection import Injector
 from ...fasterdiffusion.runtime import Run, RunModel
 from ...fasterdiffusion.samplers import COPYING, STATE_PASSING
-from .ldm import unsupported_reason
+from .adapters import unsupported_reason
 from .unet import FasterDiffusionConfig, OwnsRun, begin_run, end_run
 
 SUPPORTED = list(STATE_PASSING + COPYING)
@@ -46,7 +46,8 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
                disable_pbar=False):
         plain = comfy.samplers.KSAMPLER(self.sampler_function, self.extra_options, self.inpaint_options)
         model_sampling = model_wrap.inner_model.model_sampling
-        reason = unsupported_reason(model_wrap.inner_model.diffusion_model)
+        unet = model_wrap.inner_model.diffusion_model
+        reason = unsupported_reason(unet)
         if reason:   # exactly the plain sampler: no propagation, no injection; one log line (the report)
             run = Run(self.config.settings, sigmas.flatten().tolist(), [],
                       bypass=f"passing the model through unchanged: {reason}")
@@ -55,7 +56,7 @@ class KSamplerWithFasterDiffusion(comfy.samplers.KSAMPLER, OwnsRun):
                                     disable_pbar)
             finally:
                 run.close(self.config.reports, self.config.say)
-        run, options = begin_run(self.config, sigmas, model_sampling, self, extra_args["model_options"])
+        run, options = begin_run(self.config, sigmas, model_sampling, self, extra_args["model_options"], unet=unet)
         extra_args = dict(extra_args, model_options=options)
         injector = None
         settings = self.config.settings

@@ -28,7 +28,8 @@ from ...fasterdiffusion.settings import Settings
 from ...fasterdiffusion.strategy import make_plan
 from .compile import CompiledAdapter, compile_settings, compiled_split, keeps_guards
 from .controlnet import CONTROL_KEY, ControlReuse, calc_cond_batch_wrapper, fresh as fresh_control
-from .ldm import LdmUNetAdapter, make_call, unsupported_reason as unet_unsupported_reason
+from .adapters import adapter_class, bind, call_args, unsupported_reason as unet_unsupported_reason
+from .ldm import LdmUNetAdapter
 
 KEY = "faster_diffusion"
 RUN_KEY = "faster_diffusion_run"
@@ -117,7 +118,7 @@ def compiled_run_reason(settings: dict, plan) -> str | None:
 
 
 def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, model_options,
-              multigpu: bool = False) -> tuple[Run, dict]:
+              multigpu: bool = False, unet=None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
     for callers that hooked in without the Apply node); ``multigpu``: the model carries MultiGPU clones that
     ``model_options`` does not show yet (the Apply hook runs before ComfyUI prepares them).  A bypassed run's calls
@@ -126,8 +127,11 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
     flat = sigmas.flatten()
     bypass = sampler_bypass_reason(sampler) or host_feature_reason(model_options, multigpu)
     compiled = compile_settings(model_options)
+    ldm_family = unet is None or adapter_class(unet) is LdmUNetAdapter    # the split compiles and reuses ControlNets
     if compiled is not None and not bypass:
-        bypass = compiled_run_reason(compiled, make_plan(config.settings.strategy, len(flat) - 1))
+        bypass = (compiled_run_reason(compiled, make_plan(config.settings.strategy, len(flat) - 1)) if ldm_family else
+                  f"TorchCompileModel: FasterDiffusion compiles its split for UNets only, not {type(unet).__name__}: "
+                  "every step ran in full (compiled)")
     run = Run(config.settings, flat.tolist(), model_sampling.timestep(flat).float(),   # one host sync per run
               bypass, forecast_off_reason(sampler_name(sampler), len(flat) - 1) or forecast_host_reason(model_options))
     options = comfy.model_patcher.create_model_options_clone(model_options)
@@ -140,7 +144,7 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
         wrappers[WRAP.DIFFUSION_MODEL][KEY] = [untraced_diffusion_model_wrapper]
     if run.bypass:
         wrappers.setdefault(WRAP.APPLY_MODEL, {})[KEY] = [count_bypassed_call]
-    elif config.settings.controlnet_reuse:
+    elif config.settings.controlnet_reuse and ldm_family:    # transformers: each step's own residuals
         to[CONTROL_KEY] = ControlReuse(run)
         wrappers.setdefault(WRAP.CALC_COND_BATCH, {})[KEY] = [calc_cond_batch_wrapper]
     return run, options
@@ -175,15 +179,22 @@ def window_frames(to) -> tuple:
             None if native is None else (getattr(native, "dim", None), tuple(getattr(native, "index_list", ()))))
 
 
-def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-    to = transformer_options
-    run = to.get(RUN_KEY)
+def diffusion_model_wrapper(executor, *args, **kwargs):
     unet = executor.class_obj
+    adapter_cls = adapter_class(unet)
+    if adapter_cls is None:
+        return executor(*args, **kwargs)
+    a = bind(unet, args, kwargs)
+    to = a["transformer_options"]
+    run = to.get(RUN_KEY)
 
     def full():
-        return executor(x, timesteps, context, y, fresh_control(control), to, **kwargs)
+        if "control" not in a:
+            return executor(*args, **kwargs)
+        fargs, fkwargs = call_args(unet, dict(a, control=fresh_control(a["control"])))
+        return executor(*fargs, **fkwargs)
 
-    if run is None or run.bypass or unet_unsupported_reason(unet):
+    if run is None or run.bypass or adapter_cls.unsupported_reason(unet):
         return full()          # a bypassed run's calls are counted outside the UNet (count_bypassed_call)
     inner = inner_wrappers(executor)
     if inner:
@@ -196,9 +207,10 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
         return full()
     sigmas = to.get("sigmas")
     step = None if sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
-    call = make_call(x, timesteps, context, y, control, to, kwargs, call_slot(x, to))
+    call = adapter_cls.make_call(unet, a, call_slot(a["x"], to))
     compiled = to.get(COMPILE_KEY)
-    adapter = LdmUNetAdapter(unet) if compiled is None else CompiledAdapter(unet, compiled_split(unet, compiled))
+    adapter = (adapter_cls.for_run(unet, run.settings) if compiled is None
+               else CompiledAdapter(unet, compiled_split(unet, compiled)))
     return run.forward(adapter, call, step, full)
 
 
@@ -250,7 +262,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     patcher = guider.model_patcher
     run, guider.model_options = begin_run(config, sigmas, patcher.get_model_object("model_sampling"), sampler, orig,
-                                          multigpu=bool(multigpu_clones(patcher)))
+                                          multigpu=bool(multigpu_clones(patcher)),
+                                          unet=patcher.get_model_object("diffusion_model"))
     options = guider.model_options
     try:
         return executor(*args, **kwargs)
