@@ -82,12 +82,13 @@ class FasterDiffusionApply(io.ComfyNode):
                 "Encoder propagation: at key steps the whole UNet runs and its encoder features are cached; "
                 "at the other steps only the decoder runs, on the cached features with the step's own timestep. "
                 "With 'parallel' the decoders of a key step's whole group run as one batch, which is where the "
-                "GPU speed-up is. Works on SD1.x, SD2.x (eps and v-prediction), SDXL and SVD; any other model passes "
-                "through unchanged with a log line. Samplers that evaluate between schedule points (dpm_2, "
+                "GPU speed-up is. Works on SD1.x, SD2.x (eps and v-prediction), SDXL and SVD UNets, and on the "
+                "Flux and Wan 2.x transformers (their first encoder_blocks blocks are the encoder); any other model "
+                "passes through unchanged with a log line. Samplers that evaluate between schedule points (dpm_2, "
                 "dpmpp_2s_ancestral, dpmpp_sde) run those extra evaluations in full. Stats of each run are "
                 "logged and shown on this node."),
-            inputs=[io.Model.Input("model", tooltip="The diffusion model to speed up (SD1.x, SD2.x, SDXL or SVD "
-                                                    "UNet)."),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to speed up (an SD1.x, SD2.x, SDXL or SVD "
+                                                    "UNet, or a Flux or Wan 2.x transformer)."),
                     *strategy_inputs(), controlnet_reuse_input(), propagation_input(), encoder_blocks_input()],
             outputs=[io.Model.Output(tooltip="The model with FasterDiffusion hooked in (a clone; the input model "
                                              "is unchanged).")],
