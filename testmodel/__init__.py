@@ -324,17 +324,49 @@ def digits_controlnet(seed: int = 0):
     return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
 
 
-def flux_tiny_model(seed: int = 0):
-    """A random-weight tiny Flux (a DiT, not a UNet): the kind of model FasterDiffusion passes through."""
+def flux_tiny_model(seed: int = 0, depth: int = 1, depth_single_blocks: int = 1, guidance_embed: bool = False,
+                    **params):
+    """A random-weight tiny Flux (a DiT, not a UNet) from ComfyUI's own classes: ``depth`` double-stream and
+    ``depth_single_blocks`` single-stream blocks, 16-channel latents, 64-dim text tokens, 768-dim pooled text;
+    ``guidance_embed`` as Flux.1 dev (the FluxGuidance value is embedded); ``params`` override other FluxParams."""
     import dataclasses
     import comfy.ldm.flux.model
     import comfy.supported_models
     cfg = dict(image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=768, context_in_dim=64,
-               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
-               theta=10000, qkv_bias=True, guidance_embed=False)
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=depth, depth_single_blocks=depth_single_blocks,
+               axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=guidance_embed)
     if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:   # ComfyUI 0.33
         cfg["txt_ids_dims"] = []
-    return build_model_patcher(comfy.supported_models.Flux(cfg), seed=seed)
+    cfg.update(params)
+    model = build_model_patcher(comfy.supported_models.Flux(cfg), seed=seed)
+    unit_norm_scales_(model.model.diffusion_model)
+    return model
+
+
+def unit_norm_scales_(module):
+    """Flux's RMSNorm weights are called ``scale`` on ComfyUI 0.3.75 (``weight`` on 0.33), which ``fan_in_init_``
+    zeroes as biases: queries and keys would vanish, making attention uniform and position ids irrelevant."""
+    import torch
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(".scale") and p.dim() == 1:
+                p.fill_(1.0)
+    return module
+
+
+def flux_tiny_controlnet(model, seed: int = 0):
+    """A random-weight XLabs-style Flux ControlNet (comfy.ldm.flux.controlnet.ControlNetFlux: an image hint, 8x the
+    latent's size, through its hint block) with the layout of ``model`` (a ``flux_tiny_model``), as ComfyUI's
+    CONTROL_NET: its residuals go after every double block ("input") and every single block ("output")."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+    cfg = dict(model.model.model_config.unet_config)
+    cfg.pop("image_model", None)
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.manual_cast, **cfg)
+    unit_norm_scales_(fan_in_init_(net, seed))
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device(), extra_conds=["y", "guidance"])
 
 
 def sd3_tiny_model(seed: int = 0):

@@ -194,8 +194,12 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         fargs, fkwargs = call_args(unet, dict(a, control=fresh_control(a["control"])))
         return executor(*fargs, **fkwargs)
 
-    if run is None or run.bypass or adapter_cls.unsupported_reason(unet):
+    if run is None or run.bypass:
         return full()          # a bypassed run's calls are counted outside the UNet (count_bypassed_call)
+    reason = adapter_cls.unsupported_reason(unet)
+    if reason:                 # found at the call (e.g. an object patch on the model added after Apply)
+        run.full_call(f"passing the model through unchanged: {reason}")
+        return full()
     inner = inner_wrappers(executor)
     if inner:
         run.full_call(f"a DIFFUSION_MODEL wrapper inside FasterDiffusion's ({inner}) wraps the UNet's forward, which "
