@@ -72,6 +72,39 @@ def forward_outline(tree: ast.AST) -> dict[str, set[str]]:
     return out
 
 
+def outline_difference(outline: dict, known: dict, missing: str | None, model: str, hosts: str) -> str | None:
+    """What a host forward's outline (``forward_outline``) uses beyond ``known``, and ``missing`` (what it does not
+    run itself, or None), in words: the model then runs unpatched with this reason.  None where the mirror knows it
+    all."""
+    unknown = [f"uses {kind} {', '.join(sorted(outline[kind] - known[kind]))}"
+               for kind in known if outline[kind] - known[kind]] + ([missing] if missing else [])
+    if not unknown:
+        return None
+    return (f"this host's {model} forward differs from the ones FasterDiffusion mirrors ({hosts}): " + "; ".join(unknown)
+            + ". Update FasterDiffusion, or report it with your host's version")
+
+
+def tile_options(to: dict, n: int, rows: int, sigmas) -> dict:
+    """transformer_options of a decoder-only call of ``n`` steps' ``rows`` each, stacked step-major: cond_or_uncond
+    and uuids repeated, one sigma per call row.  ComfyUI gives one sigma per latent row (each cond chunk of the call
+    repeats them); a batched call over steps has no such period, so it gets one sigma per call row, step-major: a
+    patch that repeats to["sigmas"] up to its rows (the host's layout) reads each row's own sigma."""
+    to = dict(to)
+    to["cond_or_uncond"] = list(to.get("cond_or_uncond", [])) * n
+    to["uuids"] = list(to.get("uuids", [])) * n
+    if sigmas is not None:
+        per_step = sigmas.view(n, -1)
+        to["sigmas"] = per_step.repeat(1, rows // per_step.shape[1]).flatten()
+    return to
+
+
+def tile_kwargs(kwargs: dict, n: int) -> dict:
+    """The forward's extra arguments for ``n`` steps stacked step-major: tensors are per row or per video (SVD's
+    time_context, image_only_indicator; a transformer's attention mask) and are repeated like the rows; the rest
+    (num_video_frames: the frames of one video) is kept."""
+    return {k: repeat_rows(v, n) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 @dataclass(frozen=True)
 class HostForward:
     """What one host's UNetModel forward does, read from its source; ``difference``: what the mirror does not
@@ -94,15 +127,9 @@ def read_forward(source: str) -> HostForward:
     returns = [n.value for n in ast.walk(tree) if isinstance(n, ast.Return) and n.value is not None]
     cast_last = any(isinstance(r, ast.Call) and isinstance(r.func, ast.Attribute) and r.func.attr == "type"
                     for r in returns)
-    unknown = [f"uses {kind} {', '.join(sorted(outline[kind] - KNOWN[kind]))}"
-               for kind in KNOWN if outline[kind] - KNOWN[kind]]
-    if not {"input_blocks", "middle_block", "output_blocks"} <= outline["self"]:
-        unknown.append("does not run input_blocks, middle_block and output_blocks itself")
-    difference = None
-    if unknown:
-        difference = ("this host's UNetModel forward differs from the ones FasterDiffusion mirrors (ComfyUI 0.3.75 "
-                      "and 0.33, Forge Classic): " + "; ".join(unknown)
-                      + ". Update FasterDiffusion, or report it with your host's version")
+    covered = {"input_blocks", "middle_block", "output_blocks"} <= outline["self"]
+    difference = outline_difference(outline, KNOWN, None if covered else "does not run input_blocks, middle_block "
+                                    "and output_blocks itself", "UNetModel", "ComfyUI 0.3.75 and 0.33, Forge Classic")
     keys = outline["keys"]
     return HostForward("emb_patch" in keys, "block_modifiers" in keys, "middle_block_after_patch" in keys,
                        optional_skip, cast_last, "default_image_only_indicator" in outline["self"], difference)
@@ -290,20 +317,10 @@ class LdmSplit:
     def tile(self, call: ModelCall, n, timesteps, sigmas) -> ModelCall:
         """A decoder-only call for ``n`` steps' rows stacked step-major, with no ControlNet residuals."""
         hc = call.host
-        to = dict(hc.to)   # the batched call sees a consistent, step-major view of the batch
         b = call.rows
-        to["cond_or_uncond"] = list(hc.to.get("cond_or_uncond", [])) * n
-        to["uuids"] = list(hc.to.get("uuids", [])) * n
-        if sigmas is not None:
-            # ComfyUI gives one sigma per latent row (each cond chunk of the call repeats them); a batched
-            # call over steps has no such period, so it gets one sigma per call row, step-major: a patch
-            # that repeats to["sigmas"] up to its rows (the host's layout) reads each row's own sigma
-            per_step = sigmas.view(n, -1)
-            to["sigmas"] = per_step.repeat(1, b // per_step.shape[1]).flatten()
+        to = tile_options(hc.to, n, b, sigmas)   # the batched call sees a consistent, step-major view of the batch
         to["original_shape"] = [b * n] + list(hc.to.get("original_shape", [b]))[1:]
-        # tensors among the extra arguments are per row or per video (SVD's time_context, image_only_indicator):
-        # stacked step-major like the rows; num_video_frames stays the frames of one video
-        kwargs = {k: repeat_rows(v, n) if isinstance(v, torch.Tensor) else v for k, v in hc.kwargs.items()}
+        kwargs = tile_kwargs(hc.kwargs, n)
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=repeat_rows(call.context, n),
                        host=LdmCall(repeat_rows(hc.y, n), None, to, kwargs))
 

@@ -42,7 +42,7 @@ from einops import rearrange
 from comfy.ldm.flux.model import Flux
 
 from ...fasterdiffusion import transformer
-from ...fasterdiffusion.ldm import forward_outline
+from ...fasterdiffusion.ldm import forward_outline, outline_difference, tile_kwargs, tile_options
 from ...fasterdiffusion.runtime import Features, ModelCall, repeat_rows
 
 # The split's default: DiT-XL/2's fraction of the paper (18 of 28 blocks) over Flux's double + single blocks
@@ -126,15 +126,9 @@ def read_flux_forward(forward_source: str, orig_source: str, orig_args: list) ->
     parameter names)."""
     fwd, orig = ast.parse(textwrap.dedent(forward_source)), ast.parse(textwrap.dedent(orig_source))
     outline = flux_outline([fwd, orig], [a for a in orig_args if a != "self"])
-    unknown = [f"uses {kind} {', '.join(sorted(outline[kind] - KNOWN[kind]))}"
-               for kind in KNOWN if outline[kind] - KNOWN[kind]]
-    if not {"double_blocks", "single_blocks", "final_layer", "forward_orig"} <= outline["self"]:
-        unknown.append("does not run double_blocks, single_blocks and final_layer through forward_orig")
-    difference = None
-    if unknown:
-        difference = ("this host's Flux forward differs from the ones FasterDiffusion mirrors (ComfyUI 0.3.75 and "
-                      "0.33): " + "; ".join(unknown)
-                      + ". Update FasterDiffusion, or report it with your host's version")
+    covered = {"double_blocks", "single_blocks", "final_layer", "forward_orig"} <= outline["self"]
+    difference = outline_difference(outline, KNOWN, None if covered else "does not run double_blocks, single_blocks "
+                                    "and final_layer through forward_orig", "Flux", "ComfyUI 0.3.75 and 0.33")
     return HostFlux(options_copy=_copies_options(orig),
                     post_input_options="transformer_options" in _dict_keys(orig, "txt_ids"),
                     ref_options=_ref_gets_options(fwd) or "reference_image_num_tokens" in outline["keys"],
@@ -521,14 +515,8 @@ class FluxAdapter:
         conditioning (context, pooled text, guidance, reference latents, tensors among the extra arguments, e.g. the
         attention mask) repeated per step, one sigma per row (as ``LdmSplit.tile``)."""
         hc = call.host
-        to = dict(hc.to)
-        b = call.rows
-        to["cond_or_uncond"] = list(hc.to.get("cond_or_uncond", [])) * n
-        to["uuids"] = list(hc.to.get("uuids", [])) * n
-        if sigmas is not None:
-            per_step = sigmas.view(n, -1)
-            to["sigmas"] = per_step.repeat(1, b // per_step.shape[1]).flatten()
-        kwargs = {k: repeat_rows(v, n) if isinstance(v, torch.Tensor) else v for k, v in hc.kwargs.items()}
+        to = tile_options(hc.to, n, call.rows, sigmas)
+        kwargs = tile_kwargs(hc.kwargs, n)
         refs = None if hc.ref_latents is None else [repeat_rows(r, n) for r in hc.ref_latents]
         return replace(call, x=None, timesteps=timesteps, sigmas=sigmas, context=repeat_rows(call.context, n),
                        host=FluxCall(repeat_rows(hc.y, n), repeat_rows(hc.guidance, n), refs, None, to, kwargs))

@@ -33,7 +33,7 @@ import comfy.ldm.common_dit
 from comfy.ldm.wan.model import WanModel
 
 from ...fasterdiffusion import transformer
-from ...fasterdiffusion.ldm import forward_outline
+from ...fasterdiffusion.ldm import forward_outline, outline_difference, tile_kwargs, tile_options
 from ...fasterdiffusion.runtime import Features, ModelCall, repeat_rows
 
 MODEL = "Wan"
@@ -68,15 +68,9 @@ def read_forward(forward: str, forward_orig: str) -> HostForward:
     for source in (forward, forward_orig):
         for kind, names in forward_outline(ast.parse(textwrap.dedent(source))).items():
             outline[kind] |= names
-    unknown = [f"uses {kind} {', '.join(sorted(outline[kind] - KNOWN[kind]))}"
-               for kind in KNOWN if outline[kind] - KNOWN[kind]]
-    if not {"blocks", "head", "unpatchify", "patch_embedding"} <= outline["self"]:
-        unknown.append("does not run patch_embedding, blocks, head and unpatchify itself")
-    difference = None
-    if unknown:
-        difference = ("this host's WanModel forward differs from the ones FasterDiffusion mirrors (ComfyUI 0.3.75 and "
-                      "0.33): " + "; ".join(unknown)
-                      + ". Update FasterDiffusion, or report it with your host's version")
+    covered = {"blocks", "head", "unpatchify", "patch_embedding"} <= outline["self"]
+    difference = outline_difference(outline, KNOWN, None if covered else "does not run patch_embedding, blocks, head "
+                                    "and unpatchify itself", "WanModel", "ComfyUI 0.3.75 and 0.33")
     keys = outline["keys"]
     return HostForward("block_index" in keys, "grid_sizes" in keys, "double_block" in keys, "context_latents" in keys,
                        difference)
@@ -140,18 +134,6 @@ def step_timesteps(call: ModelCall, n: int, timesteps, sigmas):
             rows.append((torch.mean(mask[:, :, :, :, :], dim=(1, 3, 4), keepdim=True)
                          * t.view([t.shape[0]] + [1] * (mask.ndim - 1))).reshape(t.shape[0], -1))
     return torch.cat(rows)
-
-
-def tile_options(to: dict, n: int, rows: int, sigmas) -> dict:
-    """transformer_options of a decoder-only call of ``n`` steps' rows stacked step-major (as ``LdmSplit.tile``):
-    cond_or_uncond and uuids repeated, one sigma per call row."""
-    to = dict(to)
-    to["cond_or_uncond"] = list(to.get("cond_or_uncond", [])) * n
-    to["uuids"] = list(to.get("uuids", [])) * n
-    if sigmas is not None:
-        per_step = sigmas.view(n, -1)
-        to["sigmas"] = per_step.repeat(1, rows // per_step.shape[1]).flatten()
-    return to
 
 
 class WanAdapter:
@@ -336,7 +318,7 @@ class WanAdapter:
         arguments' tensors (per row) and transformer_options' per-row lists repeated ``n`` times; lists among the
         extra arguments (0.33's context_latents, read for their shapes only) kept."""
         hc = call.host
-        kwargs = {k: repeat_rows(v, n) if isinstance(v, torch.Tensor) else v for k, v in hc.kwargs.items()}
+        kwargs = tile_kwargs(hc.kwargs, n)
         return replace(call, x=None, timesteps=step_timesteps(call, n, timesteps, sigmas), sigmas=sigmas,
                        context=repeat_rows(call.context, n),
                        host=WanCall(repeat_rows(hc.clip_fea, n), repeat_rows(hc.time_dim_concat, n),
