@@ -135,7 +135,8 @@ def test_strategy_editor_end_to_end(page):
     # saved in the workflow (no extra widget value), in the API prompt, and restored on load
     workflow = page.evaluate("() => (window.__fdSaved = JSON.parse(JSON.stringify(app.graph.serialize())))")
     node = next(n for n in workflow["nodes"] if str(n["id"]) == str(fd))   # ids are strings on newer frontends
-    assert node["widgets_values"] == ["0,1,2,6", True, 32, True, "forecast"]   # controlnet_reuse, propagation
+    # controlnet_reuse, propagation, encoder_blocks
+    assert node["widgets_values"] == ["0,1,2,6", True, 32, True, "forecast", 0]
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert prompt[str(fd)]["inputs"]["strategy"] == "0,1,2,6"
     page.evaluate("() => app.graph.clear()")
@@ -170,10 +171,36 @@ WORKFLOWS = sorted((tm.REPO / "workflows").glob("*.json"))
 # examples as the V1 nodes saved them (commit 9e1217e), before the move to V3 and the optional controlnet_reuse
 # widget: they must load and run unchanged
 SAVED_BEFORE_V3 = sorted((tm.REPO / "tests" / "data" / "saved_workflows").glob("*.json"))
+# the stand-ins (tests/host_nodes/fd_test_nodes) pick their tiny model by the saved file names: UNETLoader a Flux or
+# Wan 2.1 T2V for a flux / wan file, else the digits TiUE student
 SUBSTITUTE = {"CheckpointLoaderSimple": "FDTestCheckpoint", "CLIPTextEncode": "FDTestTextEncode",
               "VAEDecode": "FDTestVAEDecode", "UNETLoader": "FDTestUNetLoader",
-              "ImageOnlyCheckpointLoader": "FDTestImageOnlyCheckpoint"}
+              "ImageOnlyCheckpointLoader": "FDTestImageOnlyCheckpoint", "DualCLIPLoader": "FDTestDualCLIPLoader",
+              "CLIPLoader": "FDTestCLIPLoader", "VAELoader": "FDTestVAELoader"}
 VIDEO_FRAMES = 4         # SVD_img2vid_Conditioning's video_frames in the test (14 saved)
+VIDEO_LENGTH = 9         # EmptyHunyuanLatentVideo's length in the test (Wan: 3 latent frames, decoded to 9; 33 saved)
+SIZES = {"EmptyLatentImage": dict(width=64, height=64),           # an 8x8 latent: the test models' size
+         "EmptySD3LatentImage": dict(width=64, height=64),        # Flux: 8x8 latent, 4x4 patches
+         "EmptyHunyuanLatentVideo": dict(width=64, height=64, length=VIDEO_LENGTH),
+         "SVD_img2vid_Conditioning": dict(width=64, height=64, video_frames=VIDEO_FRAMES)}
+DIT_MODELS = {"flux": "Flux", "wan": "WAN21"}   # UNETLoader file -> the stand-in's model class (model_base)
+SERVED = re.compile(r"FasterDiffusion \[(?P<strategy>[^\]]*)\]: (?P<steps>\d+) steps, encoder ran (?P<encoder>\d+)x "
+                    r"and was skipped (?P<skipped>\d+)x")
+
+
+def saved_strategies(url, workflow) -> dict:
+    """Node id -> the strategy the workflow saved, for each node with one: the widget value at the strategy's
+    place among the node's widgets as the server defines them (tests/test_workflows.py pairs them the same way)."""
+    from test_workflows import widget_inputs
+    out = {}
+    for n in workflow["nodes"]:
+        if not n["type"].startswith("FasterDiffusion"):
+            continue
+        spec = requests.get(f"{url}/object_info/{n['type']}", timeout=10).json()[n["type"]]["input"]
+        names = widget_inputs(spec)
+        if "strategy" in names:
+            out[str(n["id"])] = n["widgets_values"][names.index("strategy")]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +221,10 @@ def classic_page(server):
 @pytest.mark.parametrize("path", WORKFLOWS + SAVED_BEFORE_V3,
                          ids=[p.stem for p in WORKFLOWS] + [f"saved-before-v3-{p.stem}" for p in SAVED_BEFORE_V3])
 def test_example_workflow_loads_converts_and_runs(classic_page, path):
-    """Each shipped workflow loads in the real frontend, becomes an API prompt, and runs on the test host
-    with the test models in place of the checkpoint (CLIP, CLIP vision and VAE swapped likewise; the sizes cut
-    to the test models'; an init image put in the input folder; all else as saved)."""
+    """Each shipped workflow loads in the real frontend, becomes an API prompt with the strategies it saved, and
+    runs on the test host with the test models in place of the checkpoint or diffusion model (CLIP, CLIP vision and
+    VAE swapped likewise; the sizes cut to the test models'; an init image put in the input folder; all else as
+    saved), where each FasterDiffusion strategy serves its run (the run's stats line in the server log)."""
     page, url, base = classic_page
     workflow = json.loads(path.read_text())
     page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
@@ -207,18 +235,22 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
         page.wait_for_function("(id) => document.querySelector(`.fd-editor[data-node-id='${id}']`)", arg=node_id,
                                timeout=10_000)
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    fd_nodes = [n for n in prompt.values() if n["class_type"].startswith("FasterDiffusion")]
-    assert fd_nodes and all(n["inputs"].get("strategy", "paper") == "paper" for n in fd_nodes)   # One-Pass has none
+    fd_nodes = {k: n for k, n in prompt.items() if n["class_type"].startswith("FasterDiffusion")}
+    strategies = saved_strategies(url, workflow)                  # One-Pass has none
+    assert fd_nodes and {k: n["inputs"]["strategy"] for k, n in fd_nodes.items() if "strategy" in n["inputs"]} \
+        == strategies, strategies
     saves = [k for k, n in prompt.items() if n["class_type"] in ("SaveImage", "SaveAnimatedWEBP")]
+    unets = [n["inputs"]["unet_name"].lower() for n in prompt.values() if n["class_type"] == "UNETLoader"]
+    dits = [model for key, model in DIT_MODELS.items() if any(key in name for name in unets)]
+    frames = VIDEO_LENGTH if any(n["class_type"] == "EmptyHunyuanLatentVideo" for n in prompt.values()) else VIDEO_FRAMES
     for node in prompt.values():
         node["class_type"] = SUBSTITUTE.get(node["class_type"], node["class_type"])
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)    # an 8x8 latent: the test models' size
-        if node["class_type"] == "SVD_img2vid_Conditioning":
-            node["inputs"].update(width=64, height=64, video_frames=VIDEO_FRAMES)
+        node["inputs"].update(SIZES.get(node["class_type"], {}))
         if node["class_type"] == "LoadImage":             # the real node, on an image of another size and aspect
             (base / "input").mkdir(exist_ok=True)
             Image.linear_gradient("L").resize((48, 32)).convert("RGB").save(base / "input" / node["inputs"]["image"])
+    log = base / "server.log"
+    log_start = log.stat().st_size
     r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "workflow-test"}, timeout=10)
     assert r.status_code == 200 and not r.json()["node_errors"], r.text
     prompt_id = r.json()["prompt_id"]
@@ -234,4 +266,14 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
         assert images and (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
         if prompt[node_id]["class_type"] == "SaveAnimatedWEBP":    # one animation, every frame of the video
             with Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]) as webp:
-                assert len(images) == 1 and webp.format == "WEBP" and webp.n_frames == VIDEO_FRAMES, webp.n_frames
+                assert len(images) == 1 and webp.format == "WEBP" and webp.n_frames == frames, webp.n_frames
+    # the host sampled the DiT the file names (its own log line), and every strategy the workflow saved served its
+    # run: the run's stats line names it, its encoder skipped steps
+    with open(log, "rb") as f:
+        f.seek(log_start)
+        text = f.read().decode(errors="replace")
+    for model in dits:
+        assert f"Requested to load {model}\n" in text, (model, text[-3000:])
+    runs = [m.groupdict() for m in SERVED.finditer(text)]
+    for strategy in set(strategies.values()):
+        assert any(r["strategy"] == strategy and int(r["skipped"]) > 0 for r in runs), (strategy, runs)

@@ -10,7 +10,7 @@ WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
 FRONTEND_ONLY = ("control_after_generate", "upload")       # widgets the frontend adds: no node input
 # combos listing the host's files: any name loads
-FILE_LISTS = ("ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "image")
+FILE_LISTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "image")
 
 
 def widget_values(spec, values):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))   # the repo root, for ``testmodel``
 import testmodel as tm  # noqa: E402
+import testmodel.wan as tw  # noqa: E402
 
 
 class FDTestDigitsModel:
@@ -78,10 +79,16 @@ class FDTestTextEncode:
     def encode(self, clip, text):
         import torch
         seed = sum(text.encode()) % 10
+        g = torch.Generator().manual_seed(seed)
         if clip.kind == "sdxl":
-            g = torch.Generator().manual_seed(seed)
             return ([[torch.randn(1, tm.CONTEXT_TOKENS, tm.CONTEXT_DIM, generator=g),
                       {"pooled_output": torch.randn(1, 1280, generator=g)}]],)
+        if clip.kind == "flux":     # T5 tokens and CLIP-L's pooled output, in the stand-in Flux's widths
+            context_dim, pooled_dim = flux_text_dims()
+            return ([[torch.randn(1, FLUX_TEXT_TOKENS, context_dim, generator=g),
+                      {"pooled_output": torch.randn(1, pooled_dim, generator=g)}]],)
+        if clip.kind == "wan":      # umT5 tokens only, as the stand-in Wan takes them
+            return ([[tw.text(seed), {}]],)
         digit = next((int(c) for c in text if c.isdigit()), seed)
         return (tm.digit_conditioning(clip.tokens, [digit])[0],)
 
@@ -103,8 +110,10 @@ NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=F
                            FDTestVAEDecode=FDTestVAEDecode)
 
 
-# Stand-in for UNETLoader ("Load Diffusion Model"): the digits model's committed TiUE student (tools/train_tiue.py),
-# for the One-Pass example workflow (tests/test_browser.py rewrites UNETLoader to this).
+# Stand-in for UNETLoader ("Load Diffusion Model"), chosen by the file name: a tiny random Flux or Wan 2.1 T2V for a
+# Flux or Wan file (their DualCLIPLoader / CLIPLoader and VAELoader stand-ins are at the end), else the digits model's
+# committed TiUE student (tools/train_tiue.py) for the One-Pass example workflow (tests/test_browser.py rewrites
+# UNETLoader to this).
 class FDTestUNetLoader:
     CATEGORY = "testing/faster_diffusion"
     RETURN_TYPES = ("MODEL",)
@@ -116,6 +125,11 @@ class FDTestUNetLoader:
                              "weight_dtype": ("STRING", {"default": "default"})}}
 
     def load(self, unet_name, weight_dtype):
+        name = unet_name.lower()
+        if "flux" in name:
+            return (flux_model(guidance_embed="schnell" not in name),)
+        if "wan" in name:
+            return (tw.wan21_t2v(),)
         return (tm.load_test_model(tm.REPO / "testmodel" / "digits_tiue_student.safetensors")[0],)
 
 
@@ -166,3 +180,92 @@ class FDTestImageOnlyCheckpoint:
 
 
 NODE_CLASS_MAPPINGS.update(FDTestImageOnlyCheckpoint=FDTestImageOnlyCheckpoint)
+
+
+# Stand-ins for the separate text encoder and VAE loaders of the DiT example workflows (Flux: DualCLIPLoader, VAELoader
+# ae; Wan 2.1: CLIPLoader type "wan", VAELoader wan_2.1_vae), for tests/test_browser.py: FDTestTextEncode gives the
+# conditioning the tiny model of FDTestUNetLoader takes (Flux: T5 context [1, T, context_in_dim] + pooled_output
+# [1, vec_in_dim]; Wan: umT5 context [1, T, text_dim]), the VAE decodes its 16-channel latents.
+FLUX_BLOCKS = dict(depth=2, depth_single_blocks=3)   # double-stream, single-stream blocks of the stand-in Flux
+FLUX_TEXT_TOKENS = 4
+_FLUX_DIMS = []           # flux_text_dims, once read
+
+
+def flux_model(guidance_embed: bool = True):
+    """The stand-in Flux: Flux.1 dev embeds the FluxGuidance value (``guidance_embed``), schnell does not."""
+    return tm.flux_tiny_model(guidance_embed=guidance_embed, **FLUX_BLOCKS)
+
+
+def flux_text_dims() -> tuple:
+    """(context_in_dim, vec_in_dim) of the stand-in Flux: the widths of its text tokens and pooled text, read from
+    the model so that the conditioning always fits it."""
+    if not _FLUX_DIMS:
+        config = flux_model().model.model_config.unet_config
+        _FLUX_DIMS.append((config["context_in_dim"], config["vec_in_dim"]))
+    return _FLUX_DIMS[0]
+
+
+class FDTestDualCLIPLoader:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name1": ("STRING", {"default": "t5xxl_fp16.safetensors"}),
+                             "clip_name2": ("STRING", {"default": "clip_l.safetensors"}),
+                             "type": ("STRING", {"default": "flux"})},
+                "optional": {"device": ("STRING", {"default": "default"})}}
+
+    def load(self, clip_name1, clip_name2, type, device="default"):
+        return (_TextEncoder(type),)
+
+
+class FDTestCLIPLoader:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": ("STRING", {"default": "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}),
+                             "type": ("STRING", {"default": "wan"})},
+                "optional": {"device": ("STRING", {"default": "default"})}}
+
+    def load(self, clip_name, type, device="default"):
+        return (_TextEncoder(type),)
+
+
+class _StandInLatentVAE(_StandInVideoVAE):
+    """``decode`` of 16-channel latents: an image batch [B,16,h,w] -> [B,8h,8w,3] as the SVD stand-in; a video
+    [B,16,T,h,w] (Wan, ``temporal`` 4) -> its 1 + 4(T-1) frames [B*(1+4(T-1)),8h,8w,3] as many as the Wan 2.1 VAE
+    gives, each its own (interpolated in time between latent frames: an animated WEBP merges equal frames)."""
+
+    def __init__(self, temporal: int = 1):
+        self.temporal = temporal
+
+    def decode(self, latents):
+        import torch.nn.functional as F
+        if latents.dim() == 5:
+            b, c, t, h, w = latents.shape
+            frames = F.interpolate(latents.float(), size=(1 + self.temporal * (t - 1), h, w), mode="trilinear",
+                                   align_corners=True)
+            latents = frames.movedim(2, 1).reshape(-1, c, h, w)
+        return super().decode(latents)
+
+
+class FDTestVAELoader:
+    CATEGORY = "testing/faster_diffusion"
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": ("STRING", {"default": "ae.safetensors"})}}
+
+    def load(self, vae_name):
+        return (_StandInLatentVAE(temporal=4 if "wan" in vae_name.lower() else 1),)
+
+
+NODE_CLASS_MAPPINGS.update(FDTestDualCLIPLoader=FDTestDualCLIPLoader, FDTestCLIPLoader=FDTestCLIPLoader,
+                           FDTestVAELoader=FDTestVAELoader)
