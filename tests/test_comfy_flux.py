@@ -389,3 +389,23 @@ def test_an_unknown_forward_runs_unpatched_with_one_reason(fl, pack, flux, caplo
         (out,) = pack.Apply.execute(flux, "uniform:2", True, 32)
     lines = [r.getMessage() for r in caplog.records if "FasterDiffusion" in r.getMessage()]
     assert out is flux and lines == [f"FasterDiffusion: passing the model through unchanged: {diff}"]
+
+
+def test_the_faster_diffusion_ksampler_node_serves_flux(pack, flux, caplog):
+    """The sampler nodes own their run on a plain model: on Flux they serve it as Apply does (`all`: the plain
+    KSampler bit for bit)."""
+    import nodes
+    node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
+
+    def fd(strategy):
+        pos, neg = conditioning()
+        (out,) = node.execute(flux, 0, STEPS, 2.0, "euler", "simple", pos, neg,
+                              {"samples": torch.zeros(1, *LATENT)}, 1.0, strategy, True, 32, 0.0, 500.0)
+        return out["samples"]
+    import logging
+    assert torch.equal(fd("all"), ksampler(flux))
+    with caplog.at_level(logging.INFO):
+        out = fd("uniform:2")
+    assert torch.isfinite(out).all() and rel(out, ksampler(flux)) < 0.5
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FasterDiffusion [uniform:2]")]
+    assert len(line) == 1 and "encoder ran 5x and was skipped 5x" in line[0], line
