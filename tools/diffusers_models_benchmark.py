@@ -2,15 +2,17 @@
 
     bash tools/run.sh models                        # every family, CPU, one thread (a few minutes)
     bash tools/run.sh models --models svd,if1 --repeats 3
+    bash tools/run.sh models --models dit_xl2_w288  # one family (the case names: an unknown one lists them)
 
 Each family is a *small real-shaped* random-weight pipeline: the real model's block and attention layout, its
 base width reduced so one unpatched CPU call takes seconds (built by ``bench_cases()`` of the test builders in
-``tests/diffusers_tiny*.py``).  Per family it runs the unpatched pipeline, strategy ``all`` (must be
-bit-identical), and the family's strategy with sequential and parallel decoders (forecast propagation, the
-default), interleaved, the fastest of ``--repeats`` calls after a warm-up (on a shared CPU the fastest is the least
-disturbed).  It prints encoder passes run / skipped, decoder batches, the time ratio to the unpatched call and the
-latent PSNR against the unpatched latent (peak = that latent's range).  Random weights: time does not depend on
-them, fidelity does, so the PSNR only shows that the patched pipeline follows the unpatched one.
+``tests/diffusers_tiny*.py``; the denoiser is the pipeline's UNet, or DiT's transformer).  Per family it runs the
+unpatched pipeline, strategy ``all`` (must be bit-identical), and the family's strategy with sequential and parallel
+decoders (forecast propagation, the default), interleaved, the fastest of ``--repeats`` calls after a warm-up (on a
+shared CPU the fastest is the least disturbed).  It prints encoder passes run / skipped, decoder batches, the time
+ratio to the unpatched call and the latent PSNR against the unpatched latent (peak = that latent's range).  Random
+weights: time does not depend on them, fidelity does, so the PSNR only shows that the patched pipeline follows the
+unpatched one.
 ``--out FILE`` also writes the table as Markdown.
 """
 from __future__ import annotations
@@ -26,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-# the test builders (tests/) whose bench_cases() give name -> (build, call kwargs[, strategy: default "paper"])
-BUILDERS = ("diffusers_tiny_if", "diffusers_tiny_video", "diffusers_tiny_motion", "diffusers_tiny_controlnet")
+# the test builders (tests/) whose bench_cases() give name -> (build, call kwargs[, strategy: default "paper"[,
+# latent_of_call(pipe, kwargs): the call's latent, for a pipeline without a latent output (DiT)]])
+BUILDERS = ("diffusers_tiny_if", "diffusers_tiny_video", "diffusers_tiny_motion", "diffusers_tiny_controlnet",
+            "diffusers_tiny_dit")
 
 
 def psnr(a, b, peak):
@@ -36,7 +40,7 @@ def psnr(a, b, peak):
 
 
 def cases() -> dict:
-    """name -> (build, call kwargs, strategy) of every builder module that is present."""
+    """name -> (build, call kwargs, strategy, latent_of_call) of every builder module that is present."""
     out = {}
     for name in BUILDERS:
         try:
@@ -47,7 +51,7 @@ def cases() -> dict:
             continue
         for case, entry in module.bench_cases().items():
             build, kwargs, *rest = entry
-            out[case] = (build, kwargs, rest[0] if rest else "paper")
+            out[case] = (build, kwargs, rest[0] if rest else "paper", rest[1] if len(rest) > 1 else output_latent)
     return out
 
 
@@ -58,20 +62,26 @@ def latent_of(output):
     return output[0]
 
 
-def run_case(name, build, kwargs, strategy, args):
+def output_latent(pipe, kwargs):
+    """The latent a pipeline call returns (output_type "latent", or IF's "pt": its pixels are its latent)."""
+    return latent_of(pipe(**kwargs))
+
+
+def run_case(name, build, kwargs, strategy, latent_of_call, args):
     import torch
-    from fasterdiffusion.diffusers import apply
+    from fasterdiffusion.diffusers import apply, denoiser_of
     t0 = time.perf_counter()
     pipe = build()
-    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    print(f"\n[{name}] {type(pipe).__name__}, {type(pipe.unet).__name__} {params:.1f}M parameters, "
+    denoiser = denoiser_of(pipe)
+    params = sum(p.numel() for p in denoiser.parameters()) / 1e6
+    print(f"\n[{name}] {type(pipe).__name__}, {type(denoiser).__name__} {params:.1f}M parameters, "
           f"{type(pipe.scheduler).__name__}, strategy {strategy} (built in {time.perf_counter() - t0:.0f}s)", flush=True)
 
     def call():
         t = time.perf_counter()
         kw = dict(kwargs)
         kw["generator"] = torch.Generator().manual_seed(0)
-        out = latent_of(pipe(**kw))
+        out = latent_of_call(pipe, kw)
         return out, time.perf_counter() - t
 
     variants = [("unpatched", None), ("all", ("all", True)), (f"{strategy} sequential", (strategy, False)),

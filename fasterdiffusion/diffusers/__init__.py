@@ -2,19 +2,22 @@
 
 The integration a ``pip install`` user imports (``from fasterdiffusion.diffusers import apply``); ``import
 fasterdiffusion`` never imports diffusers.  The method itself is the engine's ``Run`` (``fasterdiffusion.runtime``);
-this package is the diffusers adapters and thin glue: one adapter per UNet class (``unet.py``: ``DiffusersUNetAdapter``
-for ``UNet2DConditionModel``, its split and what it refuses; ``motion.py``: ``MotionUNetAdapter`` for AnimateDiff's
-``UNetMotionModel``; ``video.py``: ``SpatioTemporalUNetAdapter`` for Stable Video Diffusion's
-``UNetSpatioTemporalConditionModel`` and ``UNet3DAdapter`` for ModelScope's ``UNet3DConditionModel``, frames folded into
-the batch as the forwards do; Text2Video-Zero runs on ``DiffusersUNetAdapter``, its cross-frame attention regrouped
-per stacked step), ``pipeline.py`` (``apply``: one run per pipeline call;
-``ADAPTERS`` says which adapter serves which UNet class), ``controlnet.py`` (``controlnet_reuse``: a ControlNet runs
-at key steps only, its residuals reused at the other steps' own scale), ``onepass.py`` (TiUE one-pass sampling).
+this package is the diffusers adapters and thin glue: one adapter per denoiser class (``unet.py``:
+``DiffusersUNetAdapter`` for ``UNet2DConditionModel``, its split and what it refuses; ``motion.py``:
+``MotionUNetAdapter`` for AnimateDiff's ``UNetMotionModel``; ``video.py``: ``SpatioTemporalUNetAdapter`` for Stable
+Video Diffusion's ``UNetSpatioTemporalConditionModel`` and ``UNet3DAdapter`` for ModelScope's ``UNet3DConditionModel``,
+frames folded into the batch as the forwards do; Text2Video-Zero runs on ``DiffusersUNetAdapter``, its cross-frame
+attention regrouped per stacked step; ``dit.py``: ``DiTAdapter`` for DiT's ``DiTTransformer2DModel``, the transformer
+split of ``fasterdiffusion.transformer``, patch embedding and the first ``encoder_blocks`` blocks as the encoder),
+``pipeline.py`` (``apply``: one run per pipeline call; ``ADAPTERS`` says which adapter serves which UNet or transformer
+class, ``denoiser_of`` finds a pipeline's, its ``unet`` or its ``transformer``), ``controlnet.py``
+(``controlnet_reuse``: a ControlNet runs at key steps only, its residuals reused at the other steps' own scale),
+``onepass.py`` (TiUE one-pass sampling).
 
 How it hooks, and why
-  * **The UNet forward**: a diffusers ``ModelHook`` named ``faster_diffusion`` in the UNet's
-    ``HookRegistry`` (diffusers' public hook system, as its own cache hooks use).  Its ``new_forward``
-    hands every call made during a pipeline call to that call's ``Run``; anything else (a direct
+  * **The denoiser's forward** (the UNet's, or DiT's transformer's): a diffusers ``ModelHook`` named
+    ``faster_diffusion`` in its ``HookRegistry`` (diffusers' public hook system, as its own cache hooks use).  Its
+    ``new_forward`` hands every call made during a pipeline call to that call's ``Run``; anything else (a direct
     ``unet(...)`` call, an unsupported feature) goes to the original forward unchanged.
   * **Run boundaries = one pipeline call.**  Python looks ``pipe(...)`` up on ``type(pipe)``, so a
     per-instance wrapper of ``__call__`` needs a per-instance subclass: ``apply`` swaps ``pipe.__class__``
@@ -49,14 +52,16 @@ How it hooks, and why
 from .unet import (FRAME_GROUPED_PROCESSORS, MIRRORED_VERSION, ROW_WISE_PROCESSORS, DiffusersCall, DiffusersUNetAdapter,
                    forward_arguments, make_call, row_timesteps, scheduler_bypass_reason, scheduler_forecast_off_reason,
                    unsupported_call_reason, unsupported_processor_reason)
-from .pipeline import (ADAPTERS, HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle, adapter_class, apply,
-                       schedule_sigmas, unsupported_unet_reason)
+from .pipeline import (ADAPTERS, DENOISER_ATTRS, HANDLE_ATTR, HOOK_NAME, SUPPORTED_PIPELINES, FasterDiffusionHandle,
+                       adapter_class, apply, denoiser_attr, denoiser_of, schedule_sigmas, unsupported_unet_reason)
 from .motion import MotionUNetAdapter
 from .video import SpatioTemporalUNetAdapter, UNet3DAdapter
+from .dit import DiTAdapter
 from .onepass import one_pass
 
 __all__ = ["apply", "one_pass", "FasterDiffusionHandle", "DiffusersUNetAdapter", "DiffusersCall", "forward_arguments",
            "make_call", "row_timesteps", "schedule_sigmas", "scheduler_bypass_reason", "scheduler_forecast_off_reason",
            "unsupported_call_reason", "unsupported_processor_reason", "unsupported_unet_reason", "HOOK_NAME",
            "HANDLE_ATTR", "SUPPORTED_PIPELINES", "MIRRORED_VERSION", "ROW_WISE_PROCESSORS", "ADAPTERS", "adapter_class",
-           "MotionUNetAdapter", "SpatioTemporalUNetAdapter", "UNet3DAdapter", "FRAME_GROUPED_PROCESSORS"]
+           "MotionUNetAdapter", "SpatioTemporalUNetAdapter", "UNet3DAdapter", "FRAME_GROUPED_PROCESSORS", "DiTAdapter",
+           "DENOISER_ATTRS", "denoiser_attr", "denoiser_of"]

@@ -34,17 +34,30 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipelin
                        "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetPipeline",
                        "StableDiffusionXLControlNetImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffSDXLPipeline",
                        "IFPipeline", "IFSuperResolutionPipeline", "StableVideoDiffusionPipeline",
-                       "TextToVideoSDPipeline", "TextToVideoZeroPipeline")
+                       "TextToVideoSDPipeline", "TextToVideoZeroPipeline", "DiTPipeline")
 
-# The UNet classes served (exact classes of diffusers), each with the adapter that mirrors its forward
-# ("module:class" in this package, imported when a pipeline has that UNet).
+# The denoiser classes served, UNets and transformers (exact classes of diffusers), each with the adapter that
+# mirrors its forward ("module:class" in this package, imported when a pipeline has that model).
 ADAPTERS = {"UNet2DConditionModel": ".unet:DiffusersUNetAdapter", "UNetMotionModel": ".motion:MotionUNetAdapter",
             "UNetSpatioTemporalConditionModel": ".video:SpatioTemporalUNetAdapter",
-            "UNet3DConditionModel": ".video:UNet3DAdapter"}
+            "UNet3DConditionModel": ".video:UNet3DAdapter", "DiTTransformer2DModel": ".dit:DiTAdapter"}
+
+# Where a pipeline keeps its denoiser: the UNet pipelines' ``unet``, the transformer pipelines' (DiT) ``transformer``.
+DENOISER_ATTRS = ("unet", "transformer")
+
+
+def denoiser_attr(pipe) -> str:
+    """The name of ``pipe``'s denoiser attribute: the first of ``DENOISER_ATTRS`` it has (``unet`` if none)."""
+    return next((name for name in DENOISER_ATTRS if getattr(pipe, name, None) is not None), DENOISER_ATTRS[0])
+
+
+def denoiser_of(pipe):
+    """``pipe``'s denoiser (its UNet or transformer), or None."""
+    return getattr(pipe, denoiser_attr(pipe), None)
 
 
 def adapter_class(unet):
-    """The adapter class for ``unet``'s class, or None where none mirrors it."""
+    """The adapter class for ``unet``'s class (a UNet or a transformer), or None where none mirrors it."""
     entry = ADAPTERS.get(type(unet).__name__)
     if entry is None or type(unet).__module__.split(".")[0] != "diffusers":
         return None
@@ -53,11 +66,11 @@ def adapter_class(unet):
 
 
 def unsupported_unet_reason(unet) -> str | None:
-    """Why no adapter can serve ``unet`` (its class or configuration), or None."""
+    """Why no adapter can serve ``unet``, a pipeline's denoiser (its class or configuration), or None."""
     cls = adapter_class(unet)
     if cls is None:
-        return (f"{type(unet).__name__} is not one of the UNet classes FasterDiffusion's diffusers adapters mirror "
-                f"({', '.join(ADAPTERS)})")
+        return (f"{type(unet).__name__} is not one of the UNet classes or transformers FasterDiffusion's diffusers "
+                f"adapters mirror ({', '.join(ADAPTERS)})")
     return cls.unsupported_reason(unet)
 
 
@@ -141,8 +154,8 @@ class _PipelineCall:
         first_t = float(t[0])
         timesteps = [float(v) for v in torch.as_tensor(sched.timesteps).detach().flatten().to("cpu", torch.float64)]
         begin = loop_begin(timesteps, first_t, getattr(sched, "begin_index", None), getattr(pipe, "num_timesteps", None))
-        reason = (scheduler_bypass_reason(sched) or unsupported_unet_reason(self.handle.unet)
-                  or unsupported_processor_reason(self.handle.unet) or self.handle.adapter.call_reason(a))
+        reason = (scheduler_bypass_reason(sched) or unsupported_unet_reason(self.handle.denoiser)
+                  or unsupported_processor_reason(self.handle.denoiser) or self.handle.adapter.call_reason(a))
         if begin is None:
             reason = reason or (f"the first UNet call's timestep {first_t:g} is not on the scheduler's "
                                 "timesteps: every call ran in full")
@@ -238,7 +251,7 @@ def _sample_of(output):
 
 
 class _UNetHook(ModelHook):
-    """The UNet forward hook: calls during a pipeline call go to its run, the rest to the original."""
+    """The denoiser's forward hook: calls during a pipeline call go to its run, the rest to the original."""
 
     def __init__(self, handle: "FasterDiffusionHandle"):
         super().__init__()
@@ -257,18 +270,19 @@ class FasterDiffusionHandle:
 
     def __init__(self, pipe, settings: Settings):
         self.pipe = pipe
-        self.unet = pipe.unet
+        self.denoiser_attr = denoiser_attr(pipe)       # "unet" or "transformer"
+        self.denoiser = getattr(pipe, self.denoiser_attr)
         self.settings = settings
-        self.adapter = adapter_class(self.unet)(self.unet)
+        self.adapter = adapter_class(self.denoiser).for_run(self.denoiser, settings)
         self.reports: list[dict] = []
         self._active: _PipelineCall | None = None
         self._removed = False
-        # the UNet hook (remember what the UNet had, to leave nothing behind on remove)
-        self._had_registry = hasattr(self.unet, "_diffusers_hook")
-        self._had_forward = "forward" in vars(self.unet)
-        registry = HookRegistry.check_if_exists_or_initialize(self.unet)
+        # the forward hook (remember what the denoiser had, to leave nothing behind on remove)
+        self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
+        self._had_forward = "forward" in vars(self.denoiser)
+        registry = HookRegistry.check_if_exists_or_initialize(self.denoiser)
         registry.register_hook(_UNetHook(self), HOOK_NAME)
-        self._forward = vars(self.unet)["forward"]
+        self._forward = vars(self.denoiser)["forward"]
         self._controlnets = ControlNetHooks.install(self, pipe, HOOK_NAME) if settings.controlnet_reuse else None
         # the per-instance subclass that owns the pipeline call
         self._pipe_class = type(pipe)
@@ -279,9 +293,11 @@ class FasterDiffusionHandle:
         return self.settings.strategy
 
     def _pipeline_call(self, call_original, pipe, args, kwargs):
-        if self._active is not None or pipe.unet is not self.unet:
-            if pipe.unet is not self.unet:
-                log.warning("FasterDiffusion: pipe.unet was replaced after apply(); this call runs unpatched")
+        replaced = getattr(pipe, self.denoiser_attr, None) is not self.denoiser
+        if self._active is not None or replaced:
+            if replaced:
+                log.warning("FasterDiffusion: pipe.%s was replaced after apply(); this call runs unpatched",
+                            self.denoiser_attr)
             return call_original(pipe, *args, **kwargs)
         state = _PipelineCall(self, pipe)
         if self._controlnets is not None:
@@ -300,17 +316,17 @@ class FasterDiffusionHandle:
                 state.run.close(self.reports)
 
     def remove(self):
-        """Restore the pipeline and its UNet exactly as they were before ``apply``."""
+        """Restore the pipeline and its denoiser exactly as they were before ``apply``."""
         if self._removed:
             return
         if self._active is not None:
             raise RuntimeError("FasterDiffusion: remove() cannot run inside a pipeline call")
-        registry = self.unet._diffusers_hook
-        if vars(self.unet).get("forward") is not self._forward and registry._hook_order[-1:] == [HOOK_NAME]:
+        registry = self.denoiser._diffusers_hook
+        if vars(self.denoiser).get("forward") is not self._forward and registry._hook_order[-1:] == [HOOK_NAME]:
             # diffusers' registry would put the original forward back over the later wrapper (e.g. accelerate's
             # CPU offload hook) and silently break it
-            raise RuntimeError("FasterDiffusion: unet.forward was wrapped after apply() (CPU offload?); remove that "
-                               "first (pipe.remove_all_hooks()), then call remove()")
+            raise RuntimeError(f"FasterDiffusion: {self.denoiser_attr}.forward was wrapped after apply() (CPU "
+                               "offload?); remove that first (pipe.remove_all_hooks()), then call remove()")
         if self._controlnets is not None:
             self._controlnets.check_removable()
         self._removed = True
@@ -321,9 +337,9 @@ class FasterDiffusionHandle:
             self._controlnets.remove()
         if not registry.hooks:
             if not self._had_forward:
-                vars(self.unet).pop("forward", None)
+                vars(self.denoiser).pop("forward", None)
             if not self._had_registry:
-                del self.unet._diffusers_hook
+                del self.denoiser._diffusers_hook
 
     def __enter__(self):
         return self
@@ -354,16 +370,18 @@ def _owning_subclass_of(pipe):
 def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
           propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True, encoder_blocks: int = 0):
     """Patch ``pipe`` (one of ``SUPPORTED_PIPELINES``: Stable Diffusion / SDXL / ControlNet text-to-image and img2img,
-    DeepFloyd-IF stages I and II, Stable Video Diffusion, ModelScope text-to-video, Text2Video-Zero, AnimateDiff) in
+    DeepFloyd-IF stages I and II, Stable Video Diffusion, ModelScope text-to-video, Text2Video-Zero, AnimateDiff, DiT) in
     place with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
     ``max_decoder_batch``: rows per batched decoder call (a video's frames count one row each).
     ``propagation``: what non-key decoders get, "forecast" (features extrapolated from the last key steps;
     ancestral / SDE schedulers reuse) or "reuse" (the last key step's, the paper's).  ``controlnet_reuse``: a
     ControlNet runs at key steps only; non-key steps reuse its key-step residuals at their own scale (``controlnet.py``).
-    ``encoder_blocks``: transformers (DiT) only, how many blocks form the encoder (0 = the model's default).
+    ``encoder_blocks``: transformers (DiT) only, how many blocks form the encoder (0 = the model's default, the
+    paper's 18 of DiT-XL/2's 28 blocks, the same fraction of other depths).
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
-    UNet it cannot serve, and StrategyError for a bad strategy string (the message shows the grammar).
+    denoiser (UNet or transformer) it cannot serve, StrategyError for a bad strategy string (the message shows the
+    grammar) and ValueError for another bad setting (an ``encoder_blocks`` that leaves no decoder block).
     """
     settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse,
                            encoder_blocks=encoder_blocks)
@@ -379,13 +397,14 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     if name not in SUPPORTED_PIPELINES or type(pipe).__module__.split(".")[0] != "diffusers":
         raise TypeError(f"FasterDiffusion: {name} is not a supported pipeline (supported: "
                         f"{', '.join(SUPPORTED_PIPELINES)})")
-    unet = getattr(pipe, "unet", None)
-    reason = unsupported_unet_reason(unet)
+    attr = denoiser_attr(pipe)
+    denoiser = getattr(pipe, attr, None)
+    reason = unsupported_unet_reason(denoiser)
     if reason:
-        raise TypeError(f"FasterDiffusion cannot serve {name}.unet: {reason}")
-    if hasattr(unet, "_hf_hook"):
+        raise TypeError(f"FasterDiffusion cannot serve {name}.{attr}: {reason}")
+    if hasattr(denoiser, "_hf_hook"):
         # an accelerate hook (CPU offload) inside ours would be skipped by the split, which calls the blocks
-        raise RuntimeError("FasterDiffusion: the UNet has an accelerate hook (CPU offload): call apply() first, "
+        raise RuntimeError(f"FasterDiffusion: the {attr} has an accelerate hook (CPU offload): call apply() first, "
                            "then enable_model_cpu_offload() (pipe.remove_all_hooks() removes it)")
     return FasterDiffusionHandle(pipe, settings)
 

@@ -53,8 +53,14 @@ def unsupported_unet_reason(unet) -> str | None:
     return None
 
 
+def attention_processors(model) -> list:
+    """``model``'s attention processors: those diffusers' ``attn_processors`` lists (every submodule's
+    ``get_processor()``), also of a model without that property (DiT's transformer)."""
+    return [m.get_processor() for m in model.modules() if hasattr(m, "get_processor")]
+
+
 def unsupported_processor_reason(unet) -> str | None:
-    names = sorted({type(p).__name__ for p in unet.attn_processors.values()} - ROW_WISE_PROCESSORS
+    names = sorted({type(p).__name__ for p in attention_processors(unet)} - ROW_WISE_PROCESSORS
                    - FRAME_GROUPED_PROCESSORS)
     if names:
         return f"attention processors {', '.join(names)} are not known to treat batch rows independently"
@@ -205,6 +211,11 @@ class AdapterBase:
         if reason:
             raise TypeError(f"FasterDiffusion cannot serve this UNet: {reason}")
         self.unet = unet
+
+    @classmethod
+    def for_run(cls, unet, settings) -> "AdapterBase":
+        """The adapter ``apply`` uses for ``settings`` (a transformer's reads ``settings.encoder_blocks``)."""
+        return cls(unet)
 
     def arguments(self, args, kwargs) -> dict | None:
         return bind_arguments(self._signature, self.unet, args, kwargs)
