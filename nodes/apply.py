@@ -47,8 +47,8 @@ def encoder_blocks_input():
     return io.Int.Input("encoder_blocks", default=0, min=0, max=200, optional=True, tooltip=
             "Transformers only (Flux, Wan; UNets ignore it): how many of the model's transformer blocks form the "
             "encoder that key steps run and other steps skip (Flux counts its double blocks, then its single ones). "
-            "More blocks skipped = faster, further from the full run. 0 = the model's default (the paper's DiT split "
-            "scaled: 18 of 28 blocks).")
+            "More blocks skipped = faster. 0 = the model's default: Flux 9 of every 10 blocks (51 of Flux.1's 57; measured "
+            "best on a trained Flux-shaped model), Wan the paper's DiT split, 18 of every 28 (26 of 40).")
 
 
 def strategy_inputs():

@@ -1,7 +1,7 @@
 """Flux in real ComfyUI (``patches/comfy/flux.py``): random-weight tiny Flux models built from the host's own classes
 (testmodel.flux_tiny_model: 2 double-stream + 3 single-stream blocks), sampled with ComfyUI's KSampler and
 SamplerCustom nodes.  The split is checked inside the double stream (1), at the boundary (2) and inside the single
-stream (3, the default for 5 blocks; 4)."""
+stream (3; 4, the default for 5 blocks)."""
 from __future__ import annotations
 
 import dataclasses
@@ -231,7 +231,7 @@ def test_sampler_custom_node_and_the_split_setting(pack, flux):
         r = stats(config)
         assert (r["encoder_calls"], r["cached_calls"], r["full_calls"]) == (3, 6, 1), r   # key 9 alone: in full
         print(f"split {n}: uniform:3 vs full {psnr(outs[n], base):.1f} dB (tiny random Flux, SamplerCustom dpmpp_2m)")
-    assert torch.equal(run(apply(pack, flux, "uniform:3")[0]), outs[3]), "the default split of 5 blocks is 3"
+    assert torch.equal(run(apply(pack, flux, "uniform:3")[0]), outs[4]), "the default split of 5 blocks is 4"
     assert len({float(o.sum()) for o in outs.values()}) == len(SPLITS), "each split point gives its own run"
 
 
@@ -259,8 +259,8 @@ def test_guidance_embed_model_takes_each_steps_guidance(pack, flux):
 
 
 def test_block_patches_run_where_their_block_runs(pack, flux):
-    """A ("double_block", 0) patch is on the encoder side of the default split (3): it runs at the key steps only;
-    a ("single_block", 2) patch on the decoder side runs at every step (batched: the rows of both steps)."""
+    """A ("double_block", 0) patch is on the encoder side of the default split (4): it runs at the key steps only;
+    a ("single_block", 2) patch (block 4) on the decoder side runs at every step (batched: the rows of both steps)."""
     calls = {}
 
     def recorder(name):

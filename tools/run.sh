@@ -6,7 +6,8 @@
 #   bash tools/run.sh benchmark [args]   tools/benchmark.py (10-15 min and 5 GB with its defaults)
 #   bash tools/run.sh quality [args]     tools/quality_benchmark.py (~30 min; --replot redraws in seconds)
 #   bash tools/run.sh controlnet [args]  tools/controlnet_benchmark.py (SD1.5 + ControlNet; ~5 min, 5 GB on CPU)
-#   bash tools/run.sh models [args]      tools/diffusers_models_benchmark.py (IF, video, AnimateDiff, ControlNet in diffusers)
+#   bash tools/run.sh models [args]      tools/diffusers_models_benchmark.py (IF, video, AnimateDiff, ControlNet, DiT in diffusers)
+#   bash tools/run.sh dit [args]         tools/dit_benchmark.py (the trained Flux-shaped model vs EasyCache and fewer steps)
 #   bash tools/run.sh compare --old DIR  tools/compare_revisions.py: another revision vs this one, one process
 # FD_COMFYUI=0.33.0 (or 0.3.75) picks one host for any command; the tools default to 0.3.75, `test` runs both
 # (COMFYUI_PATH=/your/ComfyUI: that tree alone).
@@ -14,7 +15,7 @@
 # checks its stamp), then runs under the host's venv python with OMP_NUM_THREADS=1 unless you set it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,15s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 command="$1"; shift
 case "$command" in
@@ -24,6 +25,7 @@ case "$command" in
   quality)   args=(tools/quality_benchmark.py) ;;
   controlnet) args=(tools/controlnet_benchmark.py) ;;
   models)    args=(tools/diffusers_models_benchmark.py) ;;
+  dit)       args=(tools/dit_benchmark.py) ;;
   compare)   args=(tools/compare_revisions.py) ;;
   *)         usage ;;
 esac
