@@ -17,11 +17,13 @@ def default_encoder_blocks(depth: int, fraction: float = PAPER_FRACTION) -> int:
     return min(max(1, round(fraction * depth)), depth - 1)
 
 
-def encoder_blocks(setting: int, depth: int, default: int, model: str) -> int:
-    """The number of encoder blocks a run uses: ``setting`` (0 = ``default``).  Raises ValueError naming the setting
-    and the fix when it leaves no decoder block (or the model has fewer than two blocks to split)."""
+def encoder_blocks(setting: int, depth: int, model: str, fraction: float = PAPER_FRACTION) -> int:
+    """The number of encoder blocks a run of a ``depth``-block ``model`` uses: ``setting``, or for 0 the model's
+    default (``default_encoder_blocks(depth, fraction)``).  Raises ValueError naming the setting and the fix when it
+    leaves no decoder block (or the model has fewer than two blocks to split)."""
     if depth < 2:
         raise ValueError(f"FasterDiffusion: {model} has {depth} transformer block(s); the split needs at least 2")
+    default = default_encoder_blocks(depth, fraction)
     n = int(setting) or default
     if not 1 <= n < depth:
         raise ValueError(f"FasterDiffusion: encoder_blocks {n} does not split {model} ({depth} blocks): set it to "

@@ -30,7 +30,7 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 
 from ..ldm import forward_outline
 from ..runtime import Features, ModelCall, repeat_rows
-from ..transformer import default_encoder_blocks, encoder_blocks as split_point
+from ..transformer import encoder_blocks as split_point
 from .unet import AdapterBase, row_timesteps
 
 # What the mirrored forward (diffusers 0.42.1) uses, by ``ldm.forward_outline``: a forward that uses anything else
@@ -77,7 +77,7 @@ class DiTAdapter(AdapterBase):
     def __init__(self, transformer, encoder_blocks: int = 0):
         super().__init__(transformer)
         depth = len(transformer.transformer_blocks)
-        self.blocks = split_point(encoder_blocks, depth, default_encoder_blocks(depth), type(transformer).__name__)
+        self.blocks = split_point(encoder_blocks, depth, type(transformer).__name__)
 
     @classmethod
     def for_run(cls, transformer, settings) -> "DiTAdapter":

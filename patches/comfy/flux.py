@@ -253,9 +253,7 @@ class FluxAdapter:
 
     @classmethod
     def for_run(cls, unet, settings):
-        depth = cls.depth(unet)
-        default = transformer.default_encoder_blocks(depth, DEFAULT_FRACTION)
-        return cls(unet, transformer.encoder_blocks(settings.encoder_blocks, depth, default, "Flux"))
+        return cls(unet, transformer.encoder_blocks(settings.encoder_blocks, cls.depth(unet), "Flux", DEFAULT_FRACTION))
 
     # ---------------------------------------------------------------------------- per-call conditioning
 

@@ -156,9 +156,7 @@ class WanAdapter:
 
     @classmethod
     def for_run(cls, unet, settings):
-        depth = len(unet.blocks)
-        default = transformer.default_encoder_blocks(depth, ENCODER_FRACTION)
-        return cls(unet, transformer.encoder_blocks(settings.encoder_blocks, depth, default, MODEL))
+        return cls(unet, transformer.encoder_blocks(settings.encoder_blocks, len(unet.blocks), MODEL, ENCODER_FRACTION))
 
     # ---------------------------------------------------------------------------------- per call, as _forward
 
