@@ -188,10 +188,12 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     to = a["transformer_options"]
     run = to.get(RUN_KEY)
 
-    def full():
-        if "control" not in a:
+    def full():       # the host's forward; deferred ControlNet residuals (controlnet_reuse) computed now
+        control = a.get("control")
+        fresh = fresh_control(control)
+        if fresh is control:
             return executor(*args, **kwargs)
-        fargs, fkwargs = call_args(unet, dict(a, control=fresh_control(a["control"])))
+        fargs, fkwargs = call_args(unet, dict(a, control=fresh))
         return executor(*fargs, **fkwargs)
 
     if run is None or run.bypass:
