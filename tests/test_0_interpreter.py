@@ -32,7 +32,8 @@ def test_tests_under_a_wrong_interpreter_say_which_to_use(tmp_path):
 
 
 @pytest.mark.parametrize("tool,command", [("demo.py", "demo"), ("benchmark.py", "benchmark"),
-                                          ("quality_benchmark.py", "quality")])
+                                          ("quality_benchmark.py", "quality"), ("onepass_benchmark.py", "onepass"),
+                                          ("train_tiue.py", "tiue")])
 def test_tools_under_a_wrong_interpreter_say_which_to_use(tmp_path, tool, command):
     run = without_torch(tmp_path, f"tools/{tool}")
     assert run.returncode == 1, run.stdout + run.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import replace
@@ -125,6 +124,18 @@ def test_kl_term_is_the_gaussian_kl_summed_over_every_map():
     scale = torch.tensor(2.0, requires_grad=True)
     tiue.kl_loss([scale * o for o in std]).backward()
     assert scale.grad > 0, "descending the KL term shrinks a too-wide noise map towards unit variance"
+    per_map = float(tiue.kl_loss(wide, reduce="mean"))
+    assert per_map == pytest.approx(float(expect) / 12, rel=1e-5), "mean: the sum over the 4 x 3 maps, divided by 12"
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        tiue.kl_loss(wide, reduce="max")
+
+
+def test_regression_term_pulls_the_sample_to_the_teachers():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    target = torch.randn(2, 4, 3, 3, generator=g)
+    tiue.regression_loss(x0, target).backward()
+    torch.testing.assert_close(x0.grad, 2 * (x0 - target).detach() / x0.numel())
 
 
 def test_vsd_gradient_is_sigma_squared_times_the_score_difference():
@@ -135,6 +146,20 @@ def test_vsd_gradient_is_sigma_squared_times_the_score_difference():
     tiue.vsd_loss(x0, e_t, e_f, alpha).backward()
     expect = (1 - alpha).view(-1, 1, 1, 1) * (e_t - e_f) / x0.numel()
     torch.testing.assert_close(x0.grad, expect)
+
+
+def test_dmd_weighting_is_the_normalised_x0_prediction_difference():
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    x_t, e_t, e_f = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    alpha = torch.tensor([0.3, 0.9])
+    tiue.vsd_loss(x0, e_t, e_f, alpha, "dmd", x_t).backward()
+    a = alpha.view(-1, 1, 1, 1)
+    x0_teacher, x0_fake = (x_t - (1 - a).sqrt() * e_t) / a.sqrt(), (x_t - (1 - a).sqrt() * e_f) / a.sqrt()
+    norm = (x0.detach() - x0_teacher).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x0.grad, (x0_fake - x0_teacher) / norm / x0.numel())
+    with pytest.raises(ValueError, match="x_t"):
+        tiue.vsd_loss(x0, e_t, e_f, alpha, "dmd")
 
 
 # ----------------------------------------------------------------------------------------------- ComfyUI
@@ -278,7 +303,8 @@ def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognis
     models = tmp_path / "diffusion_models"
     student = models / "my_tiue_student.safetensors"
     trainer_mod.main(["--teacher", str(teacher), "--conds", str(conds), "--latent-size", "8", "--batch", "1", "--fake-steps", "1",
-                      "--steps", "1", "--cfg", "2.0", "--out", str(student), "--checkpoint", str(tmp_path / "c.ckpt"),
+                      "--steps", "1", "--cfg", "2.0", "--reg-pairs", "2", "--reg-steps", "2", "--pairs-cache", "",
+                      "--out", str(student), "--checkpoint", str(tmp_path / "c.ckpt"),
                       "--no-progress", "--device", "cpu"])
     folder_paths.add_model_folder_path("diffusion_models", str(models))
     loaded = comfy.sd.load_diffusion_model(str(student))                  # ComfyUI's own loader (UNETLoader's)
@@ -295,6 +321,32 @@ def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognis
     assert meta["k"] == 4 and meta["prediction"] == "eps" and meta["teacher"] == "teacher_sd15.safetensors"
 
 
+@pytest.mark.parametrize("model", ["digits"])
+def test_committed_students_are_recognised_by_the_node(onepass, model, caplog):
+    """Each committed student (the digits and the Fashion-MNIST one), in a models folder, loaded by the project's
+    loader (which drops the file's metadata): the node names it from its weights, and it was distilled for K = 4."""
+    import comfy.utils
+    import folder_paths
+    node, glue, engine = onepass
+    path = tm.REPO / "testmodel" / f"{model}_tiue_student.safetensors"
+    doc = tiue.read_student_metadata(comfy.utils.load_torch_file(str(path), return_metadata=True)[1])
+    assert doc["k"] == 4 and doc["timesteps"] == [751, 501, 251, 1] and doc["teacher"] == f"{model}_unet.safetensors"
+    folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
+    if model == "digits":
+        student, tokens = tm.load_test_model(path)
+        latent = {"samples": torch.zeros(2, 4, tm.LATENT_SIZE, tm.LATENT_SIZE)}
+    else:
+        from testmodel import fashion as fm
+        student, tokens = fm.load_fashion_model(path)
+        latent = {"samples": torch.zeros(2, 4, fm.LATENT_SIZE, fm.LATENT_SIZE)}
+    with caplog.at_level(logging.INFO, logger="FasterDiffusion"):
+        caplog.clear()
+        (out,) = node.execute(student, [[tokens[[3, 7]], {}]], latent, 0, 4, 32)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert f"TiUE student {path.name} (distilled for these timesteps)" in text, text
+    assert torch.isfinite(out["samples"]).all()
+
+
 def test_trainer_refuses_a_v_prediction_teacher(trainer_mod):
     with pytest.raises(SystemExit, match="epsilon-prediction"):
         trainer_mod.schedule_of(tm.vpred_tiny_model())
@@ -302,19 +354,20 @@ def test_trainer_refuses_a_v_prediction_teacher(trainer_mod):
 
 def make_trainer(trainer_mod, digits, **kw):
     model, tokens = digits
-    cfg = trainer_mod.Config(**{"batch": 2, "fake_steps": 1, **kw})
+    cfg = trainer_mod.Config(**{"batch": 2, "fake_steps": 1, "reg_pairs": 8, "reg_steps": 2, "reg_batch": 2, **kw})
     return trainer_mod.Trainer(model.model.diffusion_model, trainer_mod.schedule_of(model), tokens[:10], tokens[10],
                                cfg, (4, tm.LATENT_SIZE, tm.LATENT_SIZE), "cpu", trainer_mod.pack_modules())
 
 
 def test_trainer_resumed_from_a_checkpoint_equals_an_uninterrupted_run(trainer_mod, digits, tmp_path):
-    whole = make_trainer(trainer_mod, digits, fake_steps=2)
+    every_term = dict(fake_steps=2, vsd=1.0, kl=0.1, reg=1.0, cosine_steps=3)     # and an lr that moves
+    whole = make_trainer(trainer_mod, digits, **every_term)
     for _ in range(4):
         whole.step()
-    first = make_trainer(trainer_mod, digits, fake_steps=2)
+    first = make_trainer(trainer_mod, digits, **every_term)
     first.step(), first.step()
     first.save_checkpoint(tmp_path / "t.ckpt")
-    resumed = make_trainer(trainer_mod, digits, fake_steps=2)
+    resumed = make_trainer(trainer_mod, digits, **every_term)
     resumed.load_state_dict(torch.load(tmp_path / "t.ckpt", weights_only=False))
     resumed.step(), resumed.step()
     assert resumed.history == whole.history
@@ -326,13 +379,13 @@ def test_trainer_resumed_from_a_checkpoint_equals_an_uninterrupted_run(trainer_m
     assert any(not torch.equal(teacher[k], v) for k, v in whole.student.state_dict().items()), "the student moved"
     assert all(torch.equal(teacher[k], v) for k, v in whole.teacher.state_dict().items()), "the teacher is frozen"
     with pytest.raises(SystemExit, match="other settings"):
-        make_trainer(trainer_mod, digits, fake_steps=2, kl=0.0).load_state_dict(torch.load(tmp_path / "t.ckpt", weights_only=False))
+        make_trainer(trainer_mod, digits, **dict(every_term, kl=0.0)).load_state_dict(torch.load(tmp_path / "t.ckpt", weights_only=False))
 
 
 def test_trainer_descends_the_kl_term(trainer_mod, digits):
     """At the start the fake score model equals the teacher, so VSD is exactly 0 and the first updates follow
     the KL term alone: the student's predicted noise maps must get closer to N(0, 1)."""
-    trainer = make_trainer(trainer_mod, digits, kl=1.0, lr=1e-4)
+    trainer = make_trainer(trainer_mod, digits, vsd=1.0, kl=1.0, reg=0.0, lr=1e-4)
     g = torch.Generator().manual_seed(5)
     noise, context = torch.randn(4, 4, tm.LATENT_SIZE, tm.LATENT_SIZE, generator=g), digits[1][[0, 3, 6, 9]]
 
@@ -340,27 +393,77 @@ def test_trainer_descends_the_kl_term(trainer_mod, digits):
         with torch.no_grad():
             return float(tiue.kl_loss(trainer.student_sample(trainer.student, noise, context).outputs))
     before = kl()
-    vsd, _, _ = trainer.step()
+    record = trainer.step()
     trainer.step()
-    assert vsd == 0.0 and kl() < before
+    assert record["vsd"] == 0.0 and kl() < before
+    assert all(g == 0.0 for g in record["g_vsd"]) and all(g > 0 for g in record["g_kl"]) and len(record["g_kl"]) == 4
+
+
+def test_trainer_records_which_term_pulls_which_decoder_step(trainer_mod, digits):
+    """g_<loss>: each term's gradient norm on each of the K decoder outputs; only the last decoder's output is
+    weighted by DDIM's closed form alone, so a term on the sample (regression) reaches every decoder by its E_i."""
+    trainer = make_trainer(trainer_mod, digits, vsd=0.0, kl=0.0, reg=1.0, reg_pairs=4, reg_steps=2)
+    record = trainer.step(diagnose=True)
+    assert set(record) == {"reg", "g_reg", "w_reg", "grad_norm"}
+    s, e = trainer.onepass.ddim_coefficients(trainer.onepass.alphas_at(trainer.alphas, trainer.timesteps),
+                                             trainer.final_alpha)
+    ratios = [g / abs(c) for g, c in zip(record["g_reg"], e)]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-4), "d reg / d out_i = E_i * d reg / d x0"
+    assert record["w_reg"] == pytest.approx(record["grad_norm"], rel=1e-4), "one term: its own norm is the total"
+
+
+@pytest.mark.parametrize("first, ts", [(None, [999, 799, 600, 400, 201, 1]), (751, [751, 601, 451, 301, 151, 1])])
+def test_regression_targets_are_comfyuis_guided_ddim_from_the_same_noise(trainer_mod, digits, first, ts):
+    """The pairs' targets: the teacher's guided DDIM from z = noise at the top of the schedule (or at ``first``),
+    as ComfyUI's own ddim sampler computes it on the same timesteps (at the top ComfyUI scales the noise so that
+    the UNet's input is that noise; lower, the test scales it so)."""
+    import comfy.sample
+    import comfy.samplers
+    model, tokens = digits
+    trainer = make_trainer(trainer_mod, digits, vsd=0.0, kl=0.0, reg=1.0, cfg=2.5)
+    g = torch.Generator().manual_seed(4)
+    noise, classes = torch.randn(3, 4, tm.LATENT_SIZE, tm.LATENT_SIZE, generator=g), [1, 5, 7]
+    ours = trainer.teacher_sample(noise, tokens[classes], steps=6, first=first)
+    ms = model.get_model_object("model_sampling")
+    sigmas = torch.cat([ms.sigmas[ts], ms.sigmas[:1]]).float()
+    pos, neg = tm.digit_conditioning(tokens, classes)
+    s0 = float(sigmas[0])
+    scale = 1.0 if first is None else (1 + s0 ** 2) ** 0.5 / s0
+    out = comfy.sample.sample_custom(model, noise * scale, 2.5, comfy.samplers.sampler_object("ddim"), sigmas, pos, neg,
+                                     torch.zeros_like(noise), seed=0, disable_pbar=True)
+    theirs = model.model.process_latent_in(out) / (1 + float(sigmas[-1]) ** 2) ** 0.5
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 def test_trainer_command_writes_student_log_and_resumes(trainer_mod, tmp_path, capsys):
     out, ckpt = tmp_path / "s.safetensors", tmp_path / "s.ckpt"
-    args = ["--digits", "--steps", "2", "--batch", "2", "--fake-steps", "1", "--out", str(out), "--checkpoint", str(ckpt),
-            "--device", "cpu", "--eval-per-digit", "1"]
+    args = ["--digits", "--steps", "2", "--batch", "2", "--reg-pairs", "8", "--reg-steps", "2", "--reg-batch", "2",
+            "--pairs-cache", "", "--out", str(out), "--checkpoint", str(ckpt),
+            "--device", "cpu", "--eval-per-digit", "1", "--eval-every", "1"]
     trainer_mod.main(args)
     log = json.loads((tmp_path / "s_log.json").read_text())
-    assert log["steps"] == 2 and log["timesteps"] == [751, 501, 251, 1] and log["config"]["kl"] == 0.1
+    assert log["steps"] == 2 and log["timesteps"] == [751, 501, 251, 1] and log["config"]["reg"] == 1.0
     assert 0 <= log["sample_accuracy"] <= 1 and "TiUE" in capsys.readouterr().out     # the progress bar
-    trainer_mod.main(args[:2] + ["3"] + args[3:] + ["--resume"])
+    assert [e["step"] for e in log["evals"]] == [1, 2] and {"speckle", "fd", "raw"} <= set(log["evals"][0])
+    assert [g["step"] for g in log["weight_gradients"]] == [1, 2] and log["weight_gradients"][0]["w_reg"] > 0
+    trainer_mod.main(args[:2] + ["3"] + args[3:] + ["--resume", "--export", "raw"])
     assert json.loads((tmp_path / "s_log.json").read_text())["steps"] == 3
     import comfy.utils
     sd, meta = comfy.utils.load_torch_file(str(out), return_metadata=True)
     doc = tiue.read_student_metadata(meta)
     assert doc["steps"] == 3 and sd["out.2.weight"].dtype == torch.float16 and "cond.class_tokens" in sd
+    assert doc["weights"] == "raw"
+    raw = torch.load(ckpt, weights_only=False)["student"]
+    assert all(torch.equal(v, raw[k].half()) for k, v in sd.items() if k in raw), "--export raw: the student's own weights"
     sd.pop("cond.class_tokens")
     assert doc["fingerprint"]["float32"] == tiue.fingerprint_of_weights({k: v.float() for k, v in sd.items()})[1]
+    # a second stage starts from that student (lr 0: it stays there)
+    second = tmp_path / "second.safetensors"
+    trainer_mod.main(["--digits", "--steps", "1", "--lr", "0", "--reg-pairs", "8", "--reg-steps", "2", "--reg-batch", "2",
+                      "--pairs-cache", "", "--init-student", str(out), "--export", "raw", "--out", str(second),
+                      "--checkpoint", str(tmp_path / "second.ckpt"), "--device", "cpu", "--eval-per-digit", "1"])
+    again = comfy.utils.load_torch_file(str(second))
+    assert all(torch.equal(again[k], v) for k, v in sd.items()), "--init-student: the first stage's weights"
 
 
 # ----------------------------------------------------------------------------------------------- over HTTP

@@ -36,20 +36,33 @@ from pathlib import Path
 for _p in (Path(__file__).resolve().parent.parent, Path(__file__).resolve().parent):   # testmodel, host_python
     if str(_p) not in sys.path:
         sys.path.append(str(_p))        # after ComfyUI's directory: the pack's nodes/ must not shadow ComfyUI's nodes
-from host_python import wrong_interpreter  # noqa: E402
+from host_python import require  # noqa: E402
 
 import testmodel as tm  # noqa: E402
 
 STUDENT = tm.REPO / "testmodel" / "digits_tiue_student.safetensors"
+FASHION_STUDENT = tm.REPO / "testmodel" / "fashion_tiue_student.safetensors"
 
 
 @dataclass
 class Config:
+    """The defaults are the recipe that made the committed students (measured: docs/quality/tiue_training.md):
+    regression to the teacher's guided samples with the image-space high-frequency term, no VSD, no KL.  The
+    paper's recipe (VSD + KL, the diagnosis runs): --vsd 1 --kl 0.1 --reg 0 --reg-hf 0 --reg-batch 0 --lr 1e-5."""
     k: int = 4                  # DDIM steps the student is distilled for
-    batch: int = 8              # the paper's per-GPU batch (the KL/VSD balance depends on it)
-    cfg: float = 3.0            # teacher (and fake score) guidance; the digits model samples at 3
-    kl: float = 0.1             # lambda_KL; 0 = the ablation without the KL term
-    lr: float = 1e-5            # student (Adam); the paper's 1e-6 is for SD over 66k steps (digits pilots: 2e-5, 1e-4 worse)
+    batch: int = 8              # the paper's per-GPU batch: the VSD/KL batch (the KL/VSD balance depends on it)
+    cfg: float = 3.0            # teacher (and fake score) guidance; the test models sample at 3
+    vsd: float = 0.0            # weight of variational score distillation (0: no fake score model at all; paper 1)
+    vsd_weighting: str = "sigma2"   # its gradient: "sigma2" (SwiftBrush, the paper) or "dmd" (per-sample normalised)
+    kl: float = 0.0             # lambda_KL on every predicted noise map (the paper: 0.1)
+    kl_reduce: str = "sum"      # "sum" over the K*B maps (the paper) or "mean" per map (VSD's scale per element)
+    reg: float = 1.0            # weight of DMD's regression to the teacher's guided DDIM samples (0: none)
+    reg_pairs: int = 4096       # fixed (noise, class) -> teacher sample pairs for it
+    reg_steps: int = 16         # the teacher's DDIM steps (with ``cfg``, from the schedule's top) per target
+    reg_batch: int = 16         # pairs per student update (0: ``batch``)
+    reg_hf: float = 1.0         # weight of the regression's high frequencies (image Laplacian where the decoder is known)
+    lr: float = 1e-4            # student (Adam); the paper's 1e-6 is for SD over 66k steps; its recipe here: 1e-5
+    cosine_steps: int = 0       # > 0: the student's lr follows a cosine from lr to 0 over this many steps (then 0)
     fake_lr: float = 1e-4       # fake score model (a full copy: smaller than the paper's LoRA 1e-3)
     fake_steps: int = 4         # fake score updates per student update (the paper: 1; more lets it keep up, as DMD2)
     ema: float = 0.999
@@ -59,6 +72,10 @@ class Config:
     p_null: float = 0.1         # null-condition dropout of the fake score model's training
     max_decoder_batch: int = 0  # rows per decoder call in the student's forward (0 = all K at once)
     seed: int = 0
+
+
+# what a checkpoint made before a setting existed ran with (the first trainer: VSD + KL only)
+BEFORE_SETTING = dict(vsd=1.0, vsd_weighting="sigma2", kl_reduce="sum", reg=0.0, reg_hf=0.0, cosine_steps=0)
 
 
 # ------------------------------------------------------------------------------------------------ the pack
@@ -73,7 +90,6 @@ def pack_modules():
 
 def schedule_of(model_patcher):
     """alpha-bar per train timestep (float64) of a ComfyUI model, refusing what the trainer cannot distil."""
-    import torch
     import comfy.model_base
     import comfy.model_sampling
     ms = model_patcher.get_model_object("model_sampling")
@@ -87,16 +103,18 @@ def schedule_of(model_patcher):
 
 def load_teacher(args):
     """(unet, alphas_cumprod, conds [N,T,D], null [T,D] or None, extra tensors to save, teacher name, latent CHW)."""
-    import torch
     import comfy.sd
     import comfy.utils
-    if args.digits:
-        mp, tokens = tm.load_test_model()
+    if args.digits or args.fashion:
+        if args.digits:
+            mp, tokens, name, size = *tm.load_test_model(), tm.WEIGHTS.name, tm.LATENT_SIZE
+        else:
+            from testmodel import fashion as fm
+            mp, tokens, name, size = *fm.load_fashion_model(), fm.WEIGHTS.name, fm.LATENT_SIZE
         return (mp.model.diffusion_model, schedule_of(mp), tokens[:tm.NULL_CLASS].clone(),
-                tokens[tm.NULL_CLASS].clone(), {"cond.class_tokens": tokens.contiguous()}, tm.WEIGHTS.name,
-                (4, tm.LATENT_SIZE, tm.LATENT_SIZE))
+                tokens[tm.NULL_CLASS].clone(), {"cond.class_tokens": tokens.contiguous()}, name, (4, size, size))
     if not args.teacher or not args.conds:
-        raise SystemExit("train_tiue: give --digits, or --teacher UNET.safetensors and --conds CONDS.safetensors")
+        raise SystemExit("train_tiue: give --digits, --fashion, or --teacher UNET.safetensors and --conds CONDS.safetensors")
     mp = comfy.sd.load_diffusion_model(args.teacher)
     conds = comfy.utils.load_torch_file(args.conds)
     if "context" not in conds or conds["context"].dim() != 3:
@@ -114,12 +132,16 @@ def load_teacher(args):
 # ------------------------------------------------------------------------------------------------ training
 
 class Trainer:
-    """Student, fake score model and their optimisers; every random draw comes from one generator, so a
-    resumed run continues bit for bit."""
+    """Student, fake score model and their optimisers; every random draw comes from one generator (the regression
+    pairs from a second one, made once and kept in the checkpoint), so a resumed run continues bit for bit."""
 
     def __init__(self, teacher, alphas_cumprod, conds, null, cfg: Config, latent_chw, device, modules):
         import torch
         self.onepass, self.tiue, self.ldm = modules
+        if cfg.vsd <= 0 and cfg.kl <= 0 and cfg.reg <= 0:
+            raise SystemExit("train_tiue: every loss weight is 0: set --vsd, --kl or --reg")
+        if cfg.kl_reduce not in ("sum", "mean"):
+            raise SystemExit(f"train_tiue: --kl-reduce is 'sum' or 'mean', not {cfg.kl_reduce!r}")
         self.cfg, self.device, self.chw = cfg, torch.device(device), tuple(latent_chw)
         self.alphas = alphas_cumprod.to(torch.float64)
         self.alphas_dev = self.alphas.float().to(self.device)
@@ -129,13 +151,17 @@ class Trainer:
         self.null = None if null is None else null.to(self.device)
         self.teacher = copy.deepcopy(teacher).float().to(self.device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True) if cfg.vsd > 0 else None
         self.ema = copy.deepcopy(self.teacher).eval().requires_grad_(False)
         self.opt_s = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
-        self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=cfg.fake_lr)
+        self.opt_f = torch.optim.Adam(self.fake.parameters(), lr=cfg.fake_lr) if self.fake is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.pairs = None                         # (noise, class index, teacher sample) for --reg, made at step 1
+        self.pairs_cache, self.teacher_name = None, "teacher"     # where make_pairs keeps them (main sets it)
+        self.to_image = None      # the latent's decoder, where cheap (the test models' pixel shuffle; main sets it)
         self.step_count = 0
-        self.history: list[list[float]] = []      # [vsd, kl, fake] per step
+        self.history: list[dict] = []             # per step: losses, gradient norms (see ``step``)
+        self.evals: list[dict] = []               # per evaluation: step, accuracy, speckle, FD
 
     # -------------------------------------------------------------------------------- pieces
     def rand(self, *shape):
@@ -164,8 +190,51 @@ class Trainer:
         cond, uncond = both.chunk(2)
         return self.tiue.guided(cond, uncond, scale)
 
-    def step(self):
-        """One student update, then one fake-score update; returns (vsd, kl, fake) losses."""
+    def teacher_sample(self, noise, context, steps, first=None):
+        """The frozen teacher's guided DDIM (eta 0) sample from ``noise`` as the UNet's input at timestep ``first``
+        (default: the schedule's top, where a sampler starts; any deterministic noise-to-image map of the teacher's
+        can be the student's target), in ``steps`` steps down to the student's last timestep."""
+        import torch
+        first = len(self.alphas) - 1 if first is None else first
+        last = self.timesteps[-1]
+        ts = sorted({round(first + (last - first) * i / max(1, steps - 1)) for i in range(steps)}, reverse=True)
+        chain = [float(self.alphas[t]) for t in ts] + [self.final_alpha]
+        z = noise
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                e = self.eps(self.teacher, z, torch.full((len(z),), t, device=self.device), context, self.cfg.cfg)
+                z = self.onepass.ddim_step(z, e, chain[i], chain[i + 1])
+        return z
+
+    def make_pairs(self, chunk=256):
+        """The regression pairs (a second generator: the same for every run with this seed), read from
+        ``pairs_cache`` when a run with the same teacher and pair settings made them (they cost teacher steps)."""
+        import torch
+        cfg = self.cfg
+        cache = None
+        if self.pairs_cache:
+            key = f"{self.teacher_name}_s{cfg.seed}_n{cfg.reg_pairs}_k{cfg.reg_steps}_cfg{cfg.cfg:g}_" + \
+                "x".join(map(str, self.chw))
+            cache = Path(self.pairs_cache) / f"{key}.pt"
+            if cache.is_file():
+                self.pairs = {k: v.to(self.device) for k, v in torch.load(cache, weights_only=True).items()}
+                return
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        noise = torch.randn(cfg.reg_pairs, *self.chw, generator=g).to(self.device)
+        cls = torch.randint(0, len(self.conds), (cfg.reg_pairs,), generator=g).to(self.device)
+        target = torch.cat([self.teacher_sample(noise[i:i + chunk], self.conds[cls[i:i + chunk]], cfg.reg_steps)
+                            for i in range(0, cfg.reg_pairs, chunk)])
+        self.pairs = dict(noise=noise, cls=cls, target=target)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.cpu() for k, v in self.pairs.items()}, cache.with_suffix(".tmp"))
+            os.replace(cache.with_suffix(".tmp"), cache)
+
+    def step(self, diagnose=False):
+        """One student update, then ``fake_steps`` fake-score updates; returns this step's record: each loss
+        (weighted as trained), the fake score's loss, the student's gradient norm before clipping, and per loss the
+        norm of its gradient on each of the K decoder outputs (``g_<loss>``: which term pulls which decoder step).
+        ``diagnose`` adds each loss's own gradient norm over the student's weights (one more backward per loss)."""
         import torch
         cfg, b = self.cfg, self.cfg.batch
         idx = self.randint(0, len(self.conds), b)
@@ -174,20 +243,43 @@ class Trainer:
         t = self.randint(cfg.t_min, cfg.t_max + 1, b)
         eps_t = self.rand(b, *self.chw)
 
-        # student: VSD against teacher vs fake score, + KL on every predicted noise map
+        if cfg.cosine_steps:
+            for group in self.opt_s.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, self.step_count / cfg.cosine_steps)))
         res = self.student_sample(self.student, noise, context)
         x0 = res.latent
-        a_t = self.alphas_dev[t]
-        with torch.no_grad():
-            x_t = self.tiue.noised(x0.detach(), eps_t, a_t)
-            e_teacher = self.eps(self.teacher, x_t, t, context, cfg.cfg)
-            e_fake = self.eps(self.fake.eval(), x_t, t, context, cfg.cfg)
-            self.fake.train()
-        vsd = self.tiue.vsd_loss(x0, e_teacher, e_fake, a_t)
-        kl = self.tiue.kl_loss(res.outputs, cfg.kl) if cfg.kl > 0 else torch.zeros((), device=self.device)
+        terms, outputs = {}, {}
+        if cfg.vsd > 0:           # VSD against teacher vs fake score
+            a_t = self.alphas_dev[t]
+            with torch.no_grad():
+                x_t = self.tiue.noised(x0.detach(), eps_t, a_t)
+                e_teacher = self.eps(self.teacher, x_t, t, context, cfg.cfg)
+                e_fake = self.eps(self.fake.eval(), x_t, t, context, cfg.cfg)
+                self.fake.train()
+            terms["vsd"] = cfg.vsd * self.tiue.vsd_loss(x0, e_teacher, e_fake, a_t, cfg.vsd_weighting, x_t)
+            outputs["vsd"] = res.outputs
+        if cfg.kl > 0:            # KL on every predicted noise map
+            terms["kl"], outputs["kl"] = self.tiue.kl_loss(res.outputs, cfg.kl, cfg.kl_reduce), res.outputs
+        if cfg.reg > 0:           # regression to the teacher's samples of fixed noises
+            if self.pairs is None:
+                self.make_pairs()
+            r = self.randint(0, cfg.reg_pairs, cfg.reg_batch or b)
+            rres = self.student_sample(self.student, self.pairs["noise"][r], self.conds[self.pairs["cls"][r]])
+            terms["reg"] = cfg.reg * self.tiue.regression_loss(rres.latent, self.pairs["target"][r], cfg.reg_hf,
+                                                                self.to_image)
+            outputs["reg"] = rres.outputs
+        record = {name: term.item() for name, term in terms.items()}
+        for name, term in terms.items():
+            grads = torch.autograd.grad(term, outputs[name], retain_graph=True, allow_unused=True)
+            record["g_" + name] = [0.0 if g is None else float(g.norm()) for g in grads]
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if diagnose:
+            for name, term in terms.items():
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                record["w_" + name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
         self.opt_s.zero_grad(set_to_none=True)
-        (vsd + kl).backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        sum(terms.values()).backward()
+        record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
         self.opt_s.step()
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.student.parameters()):
@@ -195,7 +287,7 @@ class Trainer:
 
         # fake score: denoising on the detached student samples, null-condition dropout (``fake_steps`` updates)
         fake_losses = []
-        for _ in range(cfg.fake_steps):
+        for _ in range(cfg.fake_steps if self.fake is not None else 0):
             t_f = self.randint(0, len(self.alphas), b)
             eps_f = self.rand(b, *self.chw)
             drop = torch.rand(b, generator=self.gen).to(self.device) < cfg.p_null
@@ -210,30 +302,37 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.fake.parameters(), cfg.grad_clip)
             self.opt_f.step()
             fake_losses.append(fake.item())
+        if fake_losses:
+            record["fake"] = sum(fake_losses) / len(fake_losses)
 
         self.step_count += 1
-        losses = [vsd.item(), kl.item(), sum(fake_losses) / len(fake_losses)]
-        self.history.append(losses)
-        return losses
+        self.history.append(record)
+        return record
 
     # -------------------------------------------------------------------------------- state
     def state_dict(self):
         return dict(step=self.step_count, config=asdict(self.cfg), student=self.student.state_dict(),
-                    fake=self.fake.state_dict(), ema=self.ema.state_dict(), opt_s=self.opt_s.state_dict(),
-                    opt_f=self.opt_f.state_dict(), generator=self.gen.get_state(), history=self.history)
+                    fake=self.fake.state_dict() if self.fake is not None else None, ema=self.ema.state_dict(),
+                    opt_s=self.opt_s.state_dict(), opt_f=self.opt_f.state_dict() if self.opt_f is not None else None,
+                    generator=self.gen.get_state(), history=self.history, evals=self.evals, pairs=self.pairs)
 
     def load_state_dict(self, state):
-        if state["config"] != asdict(self.cfg):
-            diff = {k: (state["config"].get(k), v) for k, v in asdict(self.cfg).items() if state["config"].get(k) != v}
+        # a setting added since the checkpoint was made: what that trainer did (no regression, no schedule, ...)
+        saved = {**asdict(Config()), **BEFORE_SETTING, **state["config"]}
+        if any(saved[k] != v for k, v in asdict(self.cfg).items()):
+            diff = {k: (saved.get(k), v) for k, v in asdict(self.cfg).items() if saved.get(k) != v}
             raise SystemExit(f"train_tiue: the checkpoint was made with other settings (checkpoint, now): {diff}")
         self.student.load_state_dict(state["student"])
-        self.fake.load_state_dict(state["fake"])
+        if self.fake is not None:
+            self.fake.load_state_dict(state["fake"])
+            self.opt_f.load_state_dict(state["opt_f"])
         self.ema.load_state_dict(state["ema"])
         self.opt_s.load_state_dict(state["opt_s"])
-        self.opt_f.load_state_dict(state["opt_f"])
         self.gen.set_state(state["generator"])
         self.step_count = state["step"]
-        self.history = [list(h) for h in state["history"]]
+        self.history = [dict(h) for h in state["history"]]
+        self.evals = [dict(e) for e in state.get("evals", [])]
+        self.pairs = state.get("pairs")
 
     def save_checkpoint(self, path):
         import torch
@@ -243,56 +342,127 @@ class Trainer:
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
 
-    def save_student(self, path, extra, dtype="fp16", **info):
-        """The EMA student as a ComfyUI UNet safetensors (ldm keys, no prefix) marked as a TiUE student."""
+    def save_student(self, path, extra, dtype="fp16", export="ema", **info):
+        """The EMA (or raw) student as a ComfyUI UNet safetensors (ldm keys, no prefix) marked as a TiUE student."""
         import torch
         import comfy.utils
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        sd = {k: v.detach().to("cpu", dt).contiguous() for k, v in self.ema.state_dict().items()}
+        net = self.ema if export == "ema" else self.student
+        sd = {k: v.detach().to("cpu", dt).contiguous() for k, v in net.state_dict().items()}
         meta = self.tiue.student_metadata(sd, timesteps=self.timesteps, prediction="eps", steps=self.step_count,
-                                          **info)
+                                          weights=export, **info)
         sd.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         comfy.utils.save_torch_file(sd, str(path), metadata=meta)
         return meta
 
 
-def digits_accuracy(trainer, unet, n_per_digit=10, seed=0):
-    """(accuracy, images) of one-pass samples of ``unet`` with the digits class tokens (noise as ComfyUI's KSampler
-    makes it for ``seed``)."""
-    import torch
-    import comfy.sample
-    digits = [d for d in range(10) for _ in range(n_per_digit)]
-    noise = comfy.sample.prepare_noise(torch.zeros(len(digits), *trainer.chw), seed).to(trainer.device)
-    with torch.no_grad():
-        z0 = trainer.student_sample(unet, noise, trainer.conds[torch.tensor(digits)], max_decoder_batch=0).latent
-    images = tm.latents_to_images(z0.cpu())           # model space -> image (the latent format divides, decode multiplies)
-    return float((tm.classify(images) == torch.tensor(digits).numpy()).mean()), images
+# ------------------------------------------------------------------------------------------------ evaluation
+
+class Judge:
+    """How the test teachers' one-pass samples are scored during and after training (no draws from the trainer's
+    generator): class accuracy, speckle (mean squared Laplacian over the real images') and the Frechet distance
+    in the benchmark's feature space, on ``per_class`` samples of each class from fixed noise (seed 0)."""
+
+    def __init__(self, kind, per_class):
+        import torch
+        import torch.nn.functional as F
+        self.kind, self.per_class = kind, per_class
+        self.laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+        self.F = F
+        if kind == "digits":
+            qb = quality_benchmark()
+            feats, self.real = qb.feature_space()
+            self.features = lambda images: feats(qb.to8(images))
+            self.to_images, self.classify, self.frechet = tm.latents_to_images, tm.classify, qb.frechet
+            self.real_hf = self.hf(tm.digits_dataset()[0])
+        else:
+            from testmodel import fashion as fm
+            real, _ = fm.fashion_dataset("test")
+            self.features = lambda images: fm.features_and_logits(images)[0].numpy()
+            self.real = self.features(real)
+            self.to_images, self.classify, self.frechet = fm.latents_to_images, fm.classify, fm.frechet_distance
+            self.real_hf = self.hf(real)
+
+    def hf(self, images):
+        return float(self.F.conv2d(images.float().unsqueeze(1), self.laplace).pow(2).mean())
+
+    def __call__(self, trainer, unet):
+        """({accuracy, speckle, fd}, images) of ``unet``'s one pass (noise as ComfyUI's KSampler makes it)."""
+        import torch
+        import comfy.sample
+        classes = [c for c in range(10) for _ in range(self.per_class)]
+        noise = comfy.sample.prepare_noise(torch.zeros(len(classes), *trainer.chw), 0).to(trainer.device)
+        with torch.no_grad():
+            z0 = torch.cat([trainer.student_sample(unet, noise[i:i + 200], trainer.conds[torch.tensor(classes[i:i + 200])],
+                                                   max_decoder_batch=0).latent for i in range(0, len(classes), 200)])
+        images = self.to_images(z0.cpu())       # model space -> image (the latent format divides, decode multiplies)
+        return dict(accuracy=round(float((self.classify(images) == torch.tensor(classes).numpy()).mean()), 4),
+                    speckle=round(self.hf(images) / self.real_hf, 3),
+                    fd=round(self.frechet(self.features(images), self.real), 2)), images
+
+
+def quality_benchmark():
+    from importlib.util import module_from_spec, spec_from_file_location
+    spec = spec_from_file_location("quality_benchmark", Path(__file__).resolve().parent / "quality_benchmark.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary(history, every=50):
+    """The log's curves: each record's numbers averaged over ``every`` steps (lists element-wise)."""
+    keys = sorted({k for h in history for k in h})
+    out = {}
+    for key in keys:
+        rows = [h[key] for h in history if key in h]
+        if not rows:
+            continue
+        curve = []
+        for j in range(0, len(rows) - every + 1, every):
+            chunk = rows[j:j + every]
+            if isinstance(chunk[0], list):
+                curve.append([round(sum(c[i] for c in chunk) / every, 6) for i in range(len(chunk[0]))])
+            else:
+                curve.append(round(sum(chunk) / every, 6))
+        out[key] = curve
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits", action="store_true", help="distil the committed digits test model")
+    ap.add_argument("--fashion", action="store_true", help="distil the committed Fashion-MNIST test model")
     ap.add_argument("--teacher", help="teacher UNet/checkpoint safetensors (ComfyUI's loader must read it)")
     ap.add_argument("--conds", help="safetensors with 'context' [N,T,D] and 'null' [T,D]")
-    ap.add_argument("--latent-size", type=int, default=0, help="latent height = width (default: 8 digits, 64 else)")
-    ap.add_argument("--out", help=f"the student safetensors (default with --digits: {STUDENT.relative_to(tm.REPO)})")
+    ap.add_argument("--latent-size", type=int, default=0, help="latent height = width (default: the test model's, 64 else)")
+    ap.add_argument("--out", help=f"the student safetensors (default with --digits: {STUDENT.relative_to(tm.REPO)}, "
+                                  f"with --fashion: {FASHION_STUDENT.relative_to(tm.REPO)})")
     ap.add_argument("--log", help="the JSON log (default: next to --out, <stem>_log.json)")
     ap.add_argument("--checkpoint", help="checkpoint file (default: out/tiue/<stem>.ckpt)")
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    ap.add_argument("--init-student", help="start the student from this student safetensors instead of the teacher "
+                                           "(a second stage with other losses; ignored when resuming)")
+    ap.add_argument("--pairs-cache", default=str(tm.REPO / "out" / "tiue" / "pairs"),
+                    help="folder where the regression pairs (--reg) are kept for other runs ('' = none)")
     ap.add_argument("--steps", type=int, default=100000, help="stop after this many steps in total")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much wall time")
     ap.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    ap.add_argument("--export", choices=("ema", "raw"), default="ema",
+                    help="which weights --out gets: the EMA of the student's (default) or the student's own (a short "
+                         "run whose EMA still holds much of the teacher; with --cosine-steps they end smooth)")
     ap.add_argument("--device", default="", help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--eval-per-digit", type=int, default=10, help="one-pass samples per digit scored at the end (--digits)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="score the EMA student's one pass every N steps, with each loss's weight-gradient norm "
+                         "(test teachers; 0: only at the end)")
+    ap.add_argument("--eval-per-digit", "--eval-per-class", dest="eval_per_class", type=int, default=10,
+                    help="one-pass samples per class scored (test teachers)")
     for name, value in asdict(Config()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = ap.parse_args(argv)
-    if wrong_interpreter("test"):
-        sys.exit(f"train_tiue: {sys.executable} has no torch; run it with .testhost/venv/bin/python "
-                 "(bash tools/setup_test_host.sh provisions it) or a Python with ComfyUI's requirements")
+    require("tiue")
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tm.boot_comfy(cpu=device == "cpu")
@@ -300,7 +470,7 @@ def main(argv=None):
     import comfy.utils
     comfy.utils.set_progress_bar_enabled(False)
     cfg = Config(**{k: getattr(args, k) for k in asdict(Config())})
-    out = Path(args.out) if args.out else (STUDENT if args.digits else None)
+    out = Path(args.out) if args.out else (STUDENT if args.digits else FASHION_STUDENT if args.fashion else None)
     if out is None:
         raise SystemExit("train_tiue: give --out")
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
@@ -308,25 +478,46 @@ def main(argv=None):
 
     teacher, alphas, conds, null, extra, teacher_name, chw = load_teacher(args)
     trainer = Trainer(teacher, alphas, conds, null, cfg, chw, device, pack_modules())
+    trainer.teacher_name, trainer.pairs_cache = Path(teacher_name).stem, args.pairs_cache
+    if args.digits or args.fashion:       # their "VAE" folds 2x2 pixels into 4 channels
+        trainer.to_image = lambda latent: torch.nn.functional.pixel_shuffle(latent, 2)
     if args.resume and ckpt.is_file():
         trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False))
         print(f"resumed from {ckpt} at step {trainer.step_count}", flush=True)
+    elif args.init_student:          # a second stage: the student (and its EMA) start from an earlier student
+        sd = {k: v for k, v in comfy.utils.load_torch_file(args.init_student).items() if k in trainer.student.state_dict()}
+        for net in (trainer.student, trainer.ema):
+            net.load_state_dict({k: v.to(device, torch.float32) for k, v in sd.items()})
+        print(f"student initialised from {args.init_student}", flush=True)
+    judge = Judge("digits" if args.digits else "fashion", args.eval_per_class) if args.digits or args.fashion else None
     total = max(args.steps, trainer.step_count)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=trainer.step_count, desc="TiUE", mininterval=2.0, file=sys.stdout)
-    t0, run_seconds = time.time(), 0.0
     prior_seconds = 0.0
     if log_path.is_file() and trainer.step_count:
         prior_seconds = json.loads(log_path.read_text()).get("train_seconds", 0.0)
+    t0 = time.time()
+
+    def evaluate():
+        scores, images = judge(trainer, trainer.ema)
+        trainer.evals.append(dict(step=trainer.step_count, **scores, raw=judge(trainer, trainer.student)[0]))
+        return scores, images
+
     stopped = "steps"
     while trainer.step_count < total:
-        vsd, kl, fake = trainer.step()
+        diagnose = bool(args.eval_every) and (trainer.step_count + 1) % args.eval_every == 0
+        rec = trainer.step(diagnose=diagnose)
         if bar is not None:
             bar.update(1)
             if trainer.step_count % 10 == 0:
-                bar.set_postfix(vsd=f"{vsd:.2e}", kl=f"{kl:.3f}", fake=f"{fake:.4f}", refresh=False)
+                bar.set_postfix(refresh=False, **{k: f"{v:.3g}" for k, v in rec.items() if not isinstance(v, list)})
+        if diagnose and judge is not None:
+            scores, _ = evaluate()
+            line = "  ".join(f"{k} {v:.3g}" for k, v in rec.items() if k.startswith("w_") or k == "grad_norm")
+            (bar.write if bar is not None else print)(f"step {trainer.step_count}: EMA {scores}, raw "
+                                                      f"{trainer.evals[-1]['raw']}  |  {line}")
         if trainer.step_count % args.checkpoint_every == 0:
             trainer.save_checkpoint(ckpt)
         if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
@@ -334,30 +525,41 @@ def main(argv=None):
             break
     if bar is not None:
         bar.close()
-    run_seconds = time.time() - t0
     trainer.save_checkpoint(ckpt)
-    train_seconds = round(prior_seconds + run_seconds, 1)
+    train_seconds = round(prior_seconds + time.time() - t0, 1)
 
-    info = dict(teacher=teacher_name, kl_weight=cfg.kl, cfg=cfg.cfg, batch=cfg.batch, trainer="tools/train_tiue.py")
-    trainer.save_student(out, extra, args.save_dtype, **info)
+    info = dict(teacher=teacher_name, cfg=cfg.cfg, batch=cfg.batch, vsd_weight=cfg.vsd, kl_weight=cfg.kl,
+                kl_reduce=cfg.kl_reduce, reg_weight=cfg.reg, trainer="tools/train_tiue.py",
+                init_student=Path(args.init_student).name if args.init_student else None)
+    trainer.save_student(out, extra, args.save_dtype, args.export, **info)
     hist = trainer.history
-    every = 50
-
-    def curve(i):
-        return [round(sum(h[i] for h in hist[j:j + every]) / every, 6) for j in range(0, len(hist) - every + 1, every)]
-    log = dict(config=asdict(cfg), teacher=teacher_name, steps=trainer.step_count, stopped_by=stopped,
+    log = dict(config=asdict(cfg), teacher=teacher_name, init_student=args.init_student, steps=trainer.step_count,
+               stopped_by=stopped,
                timesteps=trainer.timesteps, final_alpha_cumprod=trainer.final_alpha, device=device,
                threads=torch.get_num_threads(), train_seconds=train_seconds,
                seconds_per_step=round(train_seconds / max(1, trainer.step_count), 4), save_dtype=args.save_dtype,
                command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-               vsd_every_50=curve(0), kl_every_50=curve(1), fake_every_50=curve(2))
-    if args.digits:
-        acc_student, images = digits_accuracy(trainer, trainer.ema, args.eval_per_digit)
-        acc_teacher, _ = digits_accuracy(trainer, trainer.teacher, args.eval_per_digit)
-        tm.save_grid(images, out.with_name(out.stem + "_samples.png"))
-        log.update(sample_accuracy=acc_student, teacher_one_pass_accuracy=acc_teacher,
-                   sample_setting=f"one pass, K DDIM timesteps above, seed 0, {args.eval_per_digit} per digit, no CFG")
-        print(f"one-pass digit accuracy: student {acc_student:.0%}, undistilled teacher {acc_teacher:.0%}")
+               evaluations="the EMA student's one pass (raw: the student's own weights)",
+               record="per step: each loss as weighted in training; g_<loss>: its gradient's norm on each of the K "
+                      "decoder outputs (first = noisiest); grad_norm: the student's before clipping; fake: the fake "
+                      "score's loss; w_<loss>: its gradient's norm over the student's weights (at evaluations)",
+               every_50=summary([{k: v for k, v in h.items() if not k.startswith("w_")} for h in hist]),
+               weight_gradients=[dict(step=i + 1, **{k: round(v, 6) for k, v in h.items() if k.startswith("w_")})
+                                 for i, h in enumerate(hist) if any(k.startswith("w_") for k in h)])
+    if judge is not None:
+        if not trainer.evals or trainer.evals[-1]["step"] != trainer.step_count:
+            evaluate()
+        scores, images = judge(trainer, trainer.ema if args.export == "ema" else trainer.student)
+        teacher_scores, _ = judge(trainer, trainer.teacher)
+        tm.save_grid(images[::max(1, args.eval_per_class // 10)][:100] if args.eval_per_class >= 10 else images,
+                     out.with_name(out.stem + "_samples.png"))
+        log.update(evals=trainer.evals, final=scores, teacher_one_pass=teacher_scores,
+                   sample_accuracy=scores["accuracy"], teacher_one_pass_accuracy=teacher_scores["accuracy"],
+                   exported=args.export,
+                   sample_setting=f"one pass of the exported weights, K DDIM timesteps above, seed 0, {args.eval_per_class} per class, no CFG; "
+                                  "speckle: mean squared Laplacian over the real images'; fd: the benchmark's feature "
+                                  "space (few samples: compare within this log)")
+        print(f"one-pass student {scores}; undistilled teacher {teacher_scores}")
     log_path.write_text(json.dumps(log, indent=1))
     print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {trainer.step_count} steps, {train_seconds:.0f}s; "
           f"log {log_path}; checkpoint {ckpt}", flush=True)
