@@ -321,7 +321,7 @@ def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognis
     assert meta["k"] == 4 and meta["prediction"] == "eps" and meta["teacher"] == "teacher_sd15.safetensors"
 
 
-@pytest.mark.parametrize("model", ["digits"])
+@pytest.mark.parametrize("model", ["digits", "fashion"])
 def test_committed_students_are_recognised_by_the_node(onepass, model, caplog):
     """Each committed student (the digits and the Fashion-MNIST one), in a models folder, loaded by the project's
     loader (which drops the file's metadata): the node names it from its weights, and it was distilled for K = 4."""

@@ -1,11 +1,11 @@
 """The TiUE distillation runs side by side: their evaluation curves and gradient balance, from their logs.
 
-    python3 tools/tiue_curves.py LOG.json [LOG.json ...] [--out docs/quality/tiue_training]
+    python3 tools/tiue_curves.py LOG.json [LOG.json ...] [--out docs/quality/tiue_runs]
 
 Each log is one written by ``tools/train_tiue.py`` (with ``--eval-every``).  Writes ``<out>.md`` (per run: the
 settings as they differ from the paper's recipe, and per evaluation the EMA student's speckle, FD and accuracy, the raw
 student's, and the norms of each loss's gradient over the student's weights) and ``<out>.png`` (speckle and FD of
-each run against training steps, with the undistilled teacher's one pass as a line) when matplotlib is present.
+the weights each run exported, EMA or raw, against training steps) when matplotlib is present.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def settings(config):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logs", nargs="+")
-    ap.add_argument("--out", default="docs/quality/tiue_training")
+    ap.add_argument("--out", default="docs/quality/tiue_runs")
     args = ap.parse_args()
     runs = [(Path(p).stem.removesuffix("_log"), json.loads(Path(p).read_text())) for p in args.logs]
     lines = ["# TiUE distillation runs: evaluation curves", "",
@@ -72,17 +72,20 @@ def main():
         print(f"wrote {out.with_suffix('.md')} (no matplotlib: no plot)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, log in runs:
-        ev = log.get("evals", [])
-        steps = [e["step"] for e in ev]
+    for name, log in runs:          # the weights the run exported: the EMA's, or the raw student's
+        raw = log.get("exported") == "raw"
+        ev = [e.get("raw", {}) if raw else e for e in log.get("evals", [])]
+        steps = [e["step"] for e in log.get("evals", [])]
         for ax, key in zip(axes, ("speckle", "fd")):
-            ax.plot(steps, [e[key] for e in ev], marker=".", label=name)
+            ax.plot(steps, [e.get(key) for e in ev], marker=".", label=name + (" (raw)" if raw else ""))
     for ax, key, title in zip(axes, ("speckle", "fd"), ("speckle (real = 1; target ≤ 1.5)", "FD (few samples)")):
         ax.set_xlabel("training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if key == "speckle":
             ax.axhline(1.5, color="k", lw=0.8, ls="--")
+        else:
+            ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)

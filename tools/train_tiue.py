@@ -1,22 +1,30 @@
 """Distil a TiUE one-pass student from a teacher UNet (arXiv 2505.21960): conditions only, no images.
 
-    OMP_NUM_THREADS=1 .testhost/venv/bin/python tools/train_tiue.py --digits --max-minutes 55      (~1 h, CPU)
-    python tools/train_tiue.py --teacher unet.safetensors --conds conds.safetensors --out student.safetensors
+    bash tools/run.sh tiue --digits --steps 3000 --eval-every 100 --eval-per-class 30     (20 min, one CPU thread)
+    bash tools/run.sh tiue --fashion ...                                                   (the Fashion-MNIST model)
+    bash tools/run.sh tiue --teacher unet.safetensors --conds conds.safetensors --out student.safetensors
 
 The student starts as a copy of the teacher and learns to generate in one pass (encoder once on the noise at
-the first of K DDIM timesteps, K decoders in one batch, closed-form DDIM; ``fasterdiffusion.onepass``) by
-variational score distillation against the frozen teacher and an online "fake score" model (a full copy of
-the teacher, trained on the student's samples), both with classifier-free guidance ``--cfg``, plus the KL term
-on each predicted noise map's mean and variance (``--kl``, 0.1, summed; 0 for the ablation).
+the first of K DDIM timesteps, K decoders in one batch, closed-form DDIM; ``fasterdiffusion.onepass``).  Its
+losses (``fasterdiffusion.tiue``), each weighted by a setting of ``Config``:
+  * regression (``--reg``, the default recipe): MSE to the teacher's own guided DDIM sample from the same noise
+    (DMD's pairs: ``--reg-pairs`` noises, ``--reg-steps`` teacher steps with CFG ``--cfg`` from the schedule's top,
+    made once and cached in ``--pairs-cache``), plus its image-space high frequencies (``--reg-hf``);
+  * variational score distillation (``--vsd``) against the frozen teacher and an online "fake score" model (a
+    full copy of the teacher, trained on the student's samples), both with CFG, and the KL term on each predicted
+    noise map's mean and variance (``--kl``): the paper's recipe, ``--vsd 1 --kl 0.1 --reg 0 --reg-hf 0 --lr 1e-5``.
+Each step's record holds every loss, its gradient's norm on each decoder's output and the student's gradient
+norm; ``--eval-every`` scores the one pass of the EMA and raw students (test teachers) and each loss's gradient
+norm over the weights.
 
-Teacher: ``--digits`` (the committed test model, its 10 class-token sets and null set as conditions) or any
-epsilon-prediction SD-architecture UNet that ComfyUI's own loader reads (``--teacher``, a UNet or checkpoint
-safetensors) with ``--conds``: a safetensors with ``context`` [N, T, D] (prompt embeddings) and, for CFG,
-``null`` [T, D] (the empty prompt).  CPU for the test model; ``--device cuda`` (default: cuda when present).
+Teacher: ``--digits`` / ``--fashion`` (the committed test models, their 10 class-token sets and null set as
+conditions) or any epsilon-prediction SD-architecture UNet that ComfyUI's own loader reads (``--teacher``, a UNet
+or checkpoint safetensors) with ``--conds``: a safetensors with ``context`` [N, T, D] (prompt embeddings) and, for
+CFG, ``null`` [T, D] (the empty prompt).  CPU for the test models; ``--device cuda`` (default: cuda when present).
 
 Writes ``--out`` (a ComfyUI-loadable UNet safetensors whose metadata marks it a TiUE student, with a weights
-fingerprint the One-Pass node recognises), ``--log`` (JSON: settings, loss curve, time, sample accuracy for
-the digits model) and checkpoints (``--checkpoint``, every ``--checkpoint-every`` steps and at the end);
+fingerprint the One-Pass node recognises; ``--export`` EMA or raw weights), ``--log`` (JSON: settings, curves,
+evaluations, time) and checkpoints (``--checkpoint``, every ``--checkpoint-every`` steps and at the end);
 ``--resume`` continues from the checkpoint exactly as if the run had not stopped.
 """
 from __future__ import annotations
@@ -46,8 +54,9 @@ FASHION_STUDENT = tm.REPO / "testmodel" / "fashion_tiue_student.safetensors"
 
 @dataclass
 class Config:
-    """The defaults are the recipe that made the committed students (measured: docs/quality/tiue_training.md):
-    regression to the teacher's guided samples with the image-space high-frequency term, no VSD, no KL.  The
+    """The defaults are the recipe that made the committed digits student (measured: docs/quality/tiue_runs.md;
+    the Fashion-MNIST one used fewer pairs, teacher steps and rows for CPU time: its log says which): regression to
+    the teacher's guided samples with the image-space high-frequency term, no VSD, no KL.  The
     paper's recipe (VSD + KL, the diagnosis runs): --vsd 1 --kl 0.1 --reg 0 --reg-hf 0 --reg-batch 0 --lr 1e-5."""
     k: int = 4                  # DDIM steps the student is distilled for
     batch: int = 8              # the paper's per-GPU batch: the VSD/KL batch (the KL/VSD balance depends on it)
