@@ -446,6 +446,7 @@ def test_trainer_command_writes_student_log_and_resumes(trainer_mod, tmp_path, c
     assert 0 <= log["sample_accuracy"] <= 1 and "TiUE" in capsys.readouterr().out     # the progress bar
     assert [e["step"] for e in log["evals"]] == [1, 2] and {"speckle", "fd", "raw"} <= set(log["evals"][0])
     assert [g["step"] for g in log["weight_gradients"]] == [1, 2] and log["weight_gradients"][0]["w_reg"] > 0
+    assert sorted(p.name for p in (tmp_path / "s_samples").iterdir()) == ["step_000001.png", "step_000002.png"]
     trainer_mod.main(args[:2] + ["3"] + args[3:] + ["--resume", "--export", "raw"])
     assert json.loads((tmp_path / "s_log.json").read_text())["steps"] == 3
     import comfy.utils

@@ -464,8 +464,8 @@ def main(argv=None):
     ap.add_argument("--device", default="", help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--eval-every", type=int, default=0,
-                    help="score the EMA student's one pass every N steps, with each loss's weight-gradient norm "
-                         "(test teachers; 0: only at the end)")
+                    help="score the EMA student's one pass every N steps (and save its samples: <checkpoint>_samples/), "
+                         "with each loss's weight-gradient norm (test teachers; 0: only at the end)")
     ap.add_argument("--eval-per-digit", "--eval-per-class", dest="eval_per_class", type=int, default=10,
                     help="one-pass samples per class scored (test teachers)")
     for name, value in asdict(Config()).items():
@@ -509,9 +509,13 @@ def main(argv=None):
         prior_seconds = json.loads(log_path.read_text()).get("train_seconds", 0.0)
     t0 = time.time()
 
-    def evaluate():
+    grids = ckpt.parent / (ckpt.stem + "_samples")
+
+    def evaluate():           # scores, and a grid of the EMA student's one pass (10 of each class) per evaluation
         scores, images = judge(trainer, trainer.ema)
         trainer.evals.append(dict(step=trainer.step_count, **scores, raw=judge(trainer, trainer.student)[0]))
+        grids.mkdir(parents=True, exist_ok=True)
+        tm.save_grid(images[::max(1, args.eval_per_class // 10)][:100], grids / f"step_{trainer.step_count:06d}.png")
         return scores, images
 
     stopped = "steps"
