@@ -290,7 +290,8 @@ def sd15_tiny(seed=3):
     return tm.build_model_patcher(comfy.supported_models.SD15(cfg), seed=seed)
 
 
-def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognised(onepass, trainer_mod, tmp_path, caplog):
+def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognised(onepass, trainer_mod, tmp_path, caplog,
+                                                                                   capsys):
     import comfy.sd
     import comfy.utils
     import folder_paths
@@ -306,6 +307,7 @@ def test_student_saved_by_the_trainer_loads_with_comfyuis_loader_and_is_recognis
                       "--steps", "1", "--cfg", "2.0", "--reg-pairs", "2", "--reg-steps", "2", "--pairs-cache", "",
                       "--out", str(student), "--checkpoint", str(tmp_path / "c.ckpt"),
                       "--no-progress", "--device", "cpu"])
+    assert "--reg-hf 1 acts on the latent's channels" in capsys.readouterr().out, "a teacher without a cheap decoder"
     folder_paths.add_model_folder_path("diffusion_models", str(models))
     loaded = comfy.sd.load_diffusion_model(str(student))                  # ComfyUI's own loader (UNETLoader's)
     assert type(loaded.model.model_config).__name__ == "SD15"

@@ -490,6 +490,9 @@ def main(argv=None):
     trainer.teacher_name, trainer.pairs_cache = Path(teacher_name).stem, args.pairs_cache
     if args.digits or args.fashion:       # their "VAE" folds 2x2 pixels into 4 channels
         trainer.to_image = lambda latent: torch.nn.functional.pixel_shuffle(latent, 2)
+    elif cfg.reg and cfg.reg_hf:
+        print(f"train_tiue: --reg-hf {cfg.reg_hf:g} acts on the latent's channels (this teacher's VAE is too costly "
+              "to run in the loss); measured only on the test models' pixel latents: --reg-hf 0 turns it off", flush=True)
     if args.resume and ckpt.is_file():
         trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False))
         print(f"resumed from {ckpt} at step {trainer.step_count}", flush=True)
