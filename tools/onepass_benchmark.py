@@ -23,7 +23,6 @@ import argparse
 import shlex
 import sys
 import time
-from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
@@ -40,28 +39,11 @@ TABLES = {"digits": "onepass", "fashion": "onepass_fashion"}
 SPREAD_SEEDS = (2, 3)        # the extra seed sets of the cheap rows
 
 
-def quality_module():
-    spec = spec_from_file_location("quality_benchmark", TOOLS / "quality_benchmark.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_student(model, path):
     if model == "digits":
         return tm.load_test_model(path)[0]
     from testmodel import fashion as fm
     return fm.load_fashion_model(path)[0]
-
-
-def speckle_of(images, real_images):
-    import torch
-    import torch.nn.functional as F
-    laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
-
-    def hf(x):
-        return float(F.conv2d(x.float().unsqueeze(1), laplace).pow(2).mean())
-    return hf(images) / hf(real_images)
 
 
 def main():
@@ -82,14 +64,9 @@ def main():
     from torch.utils.flop_counter import FlopCounterMode
     import comfy.sample
     import nodes
-    qb = quality_module()
+    import quality_benchmark as qb
     kit = (qb.Digits if args.model == "digits" else qb.Fashion)("cpu")
     teacher = kit.model
-    if args.model == "digits":
-        real_images = tm.digits_dataset()[0]
-    else:
-        from testmodel import fashion as fm
-        real_images = fm.fashion_dataset("test")[0]
     one_pass_node = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionOnePass"]
     fd_ksampler = nodes.NODE_CLASS_MAPPINGS["FasterDiffusionKSampler"]
     classes = [c % 10 for c in range(args.samples)]
@@ -158,7 +135,7 @@ def main():
         cost = flops(run) / base_flops
         row = dict(name=name, cost=cost, seconds=seconds, fd=score(images),
                    acc=float((kit.classify(images) == np.array(classes)).mean()),
-                   speckle=speckle_of(images, real_images), spread="")
+                   speckle=qb.speckle(kit, images), spread="")
         if cost <= 0.2:           # cheap: two more seed sets
             fds = [row["fd"]] + [score(kit.decode(run(classes, s))) for s in SPREAD_SEEDS]
             row["spread"] = f"{min(fds):.1f}–{max(fds):.1f}"

@@ -79,6 +79,19 @@ def frechet(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+def laplacian_energy(images):
+    """Mean squared Laplacian of images [N, H, W]: the pixel noise FD hardly sees."""
+    import torch
+    import torch.nn.functional as F
+    laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+    return float(F.conv2d(images.float().unsqueeze(1), laplace).pow(2).mean())
+
+
+def speckle(kit, images):
+    """``images``' Laplacian energy over the real images' (1 = as smooth as real images)."""
+    return laplacian_energy(images) / kit.real_hf
+
+
 class Digits:
     """The digits test model: what the benchmark needs of a model."""
     title, fd_name = "Digits test model", "FD-digits"
@@ -86,6 +99,7 @@ class Digits:
     def __init__(self, device, dtype=None):
         self.model, self.tokens = tm.load_test_model()
         self._features, self.real = feature_space()
+        self.real_hf = laplacian_energy(tm.digits_dataset()[0])
 
     def conditioning(self, classes):
         return tm.digit_conditioning(self.tokens, classes)
@@ -108,6 +122,7 @@ class Fashion:
         self.model, self.tokens = fm.load_fashion_model(dtype=dtype)
         real, _ = fm.fashion_dataset("test")
         self.real = fm.features_and_logits(real)[0].numpy()
+        self.real_hf = laplacian_energy(real)
 
     def conditioning(self, classes):
         return self.fm.conditioning(self.tokens, classes)

@@ -110,18 +110,17 @@ def schedule_of(model_patcher):
     return 1.0 / (1.0 + sig * sig)
 
 
-def load_teacher(args):
-    """(unet, alphas_cumprod, conds [N,T,D], null [T,D] or None, extra tensors to save, teacher name, latent CHW)."""
+def load_teacher(args, kit=None):
+    """(unet, alphas_cumprod, conds [N,T,D], null [T,D] or None, extra tensors to save, teacher name, latent CHW);
+    ``kit``: the benchmark's model kit of a test teacher (``--digits``/``--fashion``), which holds it loaded."""
     import comfy.sd
     import comfy.utils
-    if args.digits or args.fashion:
-        if args.digits:
-            mp, tokens, name, size = *tm.load_test_model(), tm.WEIGHTS.name, tm.LATENT_SIZE
-        else:
-            from testmodel import fashion as fm
-            mp, tokens, name, size = *fm.load_fashion_model(), fm.WEIGHTS.name, fm.LATENT_SIZE
+    if kit is not None:
+        from testmodel import fashion as fm
+        mp, tokens, size = kit.model, kit.tokens, kit.latent_size
         return (mp.model.diffusion_model, schedule_of(mp), tokens[:tm.NULL_CLASS].clone(),
-                tokens[tm.NULL_CLASS].clone(), {"cond.class_tokens": tokens.contiguous()}, name, (4, size, size))
+                tokens[tm.NULL_CLASS].clone(), {"cond.class_tokens": tokens.contiguous()},
+                (tm.WEIGHTS if args.digits else fm.WEIGHTS).name, (4, size, size))
     if not args.teacher or not args.conds:
         raise SystemExit("train_tiue: give --digits, --fashion, or --teacher UNET.safetensors and --conds CONDS.safetensors")
     mp = comfy.sd.load_diffusion_model(args.teacher)
@@ -281,8 +280,8 @@ class Trainer:
         for name, term in terms.items():
             grads = torch.autograd.grad(term, outputs[name], retain_graph=True, allow_unused=True)
             record["g_" + name] = [0.0 if g is None else float(g.norm()) for g in grads]
-        params = [p for p in self.student.parameters() if p.requires_grad]
         if diagnose:
+            params = [p for p in self.student.parameters() if p.requires_grad]
             for name, term in terms.items():
                 grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
                 record["w_" + name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
@@ -370,31 +369,12 @@ class Trainer:
 
 class Judge:
     """How the test teachers' one-pass samples are scored during and after training (no draws from the trainer's
-    generator): class accuracy, speckle (mean squared Laplacian over the real images') and the Frechet distance
-    in the benchmark's feature space, on ``per_class`` samples of each class from fixed noise (seed 0)."""
+    generator), as ``tools/quality_benchmark.py`` scores a run (its model ``kit``): class accuracy, speckle (mean
+    squared Laplacian over the real images') and the Frechet distance in the benchmark's feature space, on
+    ``per_class`` samples of each class from fixed noise (seed 0)."""
 
-    def __init__(self, kind, per_class):
-        import torch
-        import torch.nn.functional as F
-        self.kind, self.per_class = kind, per_class
-        self.laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
-        self.F = F
-        if kind == "digits":
-            qb = quality_benchmark()
-            feats, self.real = qb.feature_space()
-            self.features = lambda images: feats(qb.to8(images))
-            self.to_images, self.classify, self.frechet = tm.latents_to_images, tm.classify, qb.frechet
-            self.real_hf = self.hf(tm.digits_dataset()[0])
-        else:
-            from testmodel import fashion as fm
-            real, _ = fm.fashion_dataset("test")
-            self.features = lambda images: fm.features_and_logits(images)[0].numpy()
-            self.real = self.features(real)
-            self.to_images, self.classify, self.frechet = fm.latents_to_images, fm.classify, fm.frechet_distance
-            self.real_hf = self.hf(real)
-
-    def hf(self, images):
-        return float(self.F.conv2d(images.float().unsqueeze(1), self.laplace).pow(2).mean())
+    def __init__(self, qb, kit, to_images, per_class):
+        self.qb, self.kit, self.to_images, self.per_class = qb, kit, to_images, per_class
 
     def __call__(self, trainer, unet):
         """({accuracy, speckle, fd}, images) of ``unet``'s one pass (noise as ComfyUI's KSampler makes it)."""
@@ -406,17 +386,9 @@ class Judge:
             z0 = torch.cat([trainer.student_sample(unet, noise[i:i + 200], trainer.conds[torch.tensor(classes[i:i + 200])],
                                                    max_decoder_batch=0).latent for i in range(0, len(classes), 200)])
         images = self.to_images(z0.cpu())       # model space -> image (the latent format divides, decode multiplies)
-        return dict(accuracy=round(float((self.classify(images) == torch.tensor(classes).numpy()).mean()), 4),
-                    speckle=round(self.hf(images) / self.real_hf, 3),
-                    fd=round(self.frechet(self.features(images), self.real), 2)), images
-
-
-def quality_benchmark():
-    from importlib.util import module_from_spec, spec_from_file_location
-    spec = spec_from_file_location("quality_benchmark", Path(__file__).resolve().parent / "quality_benchmark.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        return dict(accuracy=round(float((self.kit.classify(images) == torch.tensor(classes).numpy()).mean()), 4),
+                    speckle=round(self.qb.speckle(self.kit, images), 3),
+                    fd=round(self.qb.frechet(self.kit.features(images), self.kit.real), 2)), images
 
 
 def summary(history, every=50):
@@ -485,8 +457,13 @@ def main(argv=None):
     log_path = Path(args.log) if args.log else out.with_name(out.stem + "_log.json")
     ckpt = Path(args.checkpoint) if args.checkpoint else tm.REPO / "out" / "tiue" / (out.stem + ".ckpt")
 
-    teacher, alphas, conds, null, extra, teacher_name, chw = load_teacher(args)
-    trainer = Trainer(teacher, alphas, conds, null, cfg, chw, device, pack_modules())
+    modules = pack_modules()       # first: it imports ComfyUI's nodes, which the benchmark's path would shadow
+    qb = kit = None
+    if args.digits or args.fashion:        # the benchmark's kit: the teacher loaded, its scores
+        import quality_benchmark as qb
+        kit = (qb.Digits if args.digits else qb.Fashion)(device)
+    teacher, alphas, conds, null, extra, teacher_name, chw = load_teacher(args, kit)
+    trainer = Trainer(teacher, alphas, conds, null, cfg, chw, device, modules)
     trainer.teacher_name, trainer.pairs_cache = Path(teacher_name).stem, args.pairs_cache
     if args.digits or args.fashion:       # their "VAE" folds 2x2 pixels into 4 channels
         trainer.to_image = lambda latent: torch.nn.functional.pixel_shuffle(latent, 2)
@@ -501,7 +478,10 @@ def main(argv=None):
         for net in (trainer.student, trainer.ema):
             net.load_state_dict({k: v.to(device, torch.float32) for k, v in sd.items()})
         print(f"student initialised from {args.init_student}", flush=True)
-    judge = Judge("digits" if args.digits else "fashion", args.eval_per_class) if args.digits or args.fashion else None
+    judge = None
+    if kit is not None:
+        from testmodel import fashion as fm
+        judge = Judge(qb, kit, tm.latents_to_images if args.digits else fm.latents_to_images, args.eval_per_class)
     total = max(args.steps, trainer.step_count)
     bar = None
     if not args.no_progress:
