@@ -8,11 +8,14 @@ import re
 import shutil
 import time
 
+import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
 import testmodel as tm
+from testmodel import fashion as fm
 
 CHROMIUM = os.environ.get("FD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
@@ -172,7 +175,7 @@ WORKFLOWS = sorted((tm.REPO / "workflows").glob("*.json"))
 # widget: they must load and run unchanged
 SAVED_BEFORE_V3 = sorted((tm.REPO / "tests" / "data" / "saved_workflows").glob("*.json"))
 # the stand-ins (tests/host_nodes/fd_test_nodes) pick their tiny model by the saved file names: UNETLoader a Flux or
-# Wan 2.1 T2V for a flux / wan file, else the digits TiUE student
+# Wan 2.1 T2V for a flux / wan file, a Fashion-MNIST file the Fashion-MNIST student, else the digits TiUE student
 SUBSTITUTE = {"CheckpointLoaderSimple": "FDTestCheckpoint", "CLIPTextEncode": "FDTestTextEncode",
               "VAEDecode": "FDTestVAEDecode", "UNETLoader": "FDTestUNetLoader",
               "ImageOnlyCheckpointLoader": "FDTestImageOnlyCheckpoint", "DualCLIPLoader": "FDTestDualCLIPLoader",
@@ -184,6 +187,12 @@ SIZES = {"EmptyLatentImage": dict(width=64, height=64),           # an 8x8 laten
          "EmptyHunyuanLatentVideo": dict(width=64, height=64, length=VIDEO_LENGTH),
          "SVD_img2vid_Conditioning": dict(width=64, height=64, video_frames=VIDEO_FRAMES)}
 DIT_MODELS = {"flux": "Flux", "wan": "WAN21"}   # UNETLoader file -> the stand-in's model class (model_base)
+# The One-Pass example runs the best committed TiUE student, the Fashion-MNIST one (README, One-Pass): its file names
+# are rewritten to the Fashion-MNIST teacher's and student's (the stand-ins' pick), its size to that model's, its
+# prompt to a class; the student is put in the server's models folder, where the node must recognise it.
+FASHION_FILES = {"ckpt_name": "fashion_unet.safetensors", "unet_name": "fashion_tiue_student.safetensors"}
+FASHION_SIZE = dict(width=128, height=128)        # a 16x16 latent
+FASHION_PROMPT = "a sneaker"
 SERVED = re.compile(r"FasterDiffusion \[(?P<strategy>[^\]]*)\]: (?P<steps>\d+) steps, encoder ran (?P<encoder>\d+)x "
                     r"and was skipped (?P<skipped>\d+)x")
 
@@ -243,9 +252,17 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
     unets = [n["inputs"]["unet_name"].lower() for n in prompt.values() if n["class_type"] == "UNETLoader"]
     dits = [model for key, model in DIT_MODELS.items() if any(key in name for name in unets)]
     frames = VIDEO_LENGTH if any(n["class_type"] == "EmptyHunyuanLatentVideo" for n in prompt.values()) else VIDEO_FRAMES
+    one_pass = any(n["class_type"] == "FasterDiffusionOnePass" for n in prompt.values())
+    if one_pass:                                           # the Fashion-MNIST student, recognised from the models folder
+        (base / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tm.REPO / "testmodel" / FASHION_FILES["unet_name"], base / "models" / "diffusion_models")
     for node in prompt.values():
         node["class_type"] = SUBSTITUTE.get(node["class_type"], node["class_type"])
         node["inputs"].update(SIZES.get(node["class_type"], {}))
+        if one_pass:
+            node["inputs"].update({k: v for k, v in FASHION_FILES.items() if k in node["inputs"]})
+            node["inputs"].update(FASHION_SIZE if node["class_type"] == "EmptyLatentImage" else {})
+            node["inputs"].update(text=FASHION_PROMPT) if node["class_type"] == "FDTestTextEncode" else None
         if node["class_type"] == "LoadImage":             # the real node, on an image of another size and aspect
             (base / "input").mkdir(exist_ok=True)
             Image.linear_gradient("L").resize((48, 32)).convert("RGB").save(base / "input" / node["inputs"]["image"])
@@ -274,6 +291,13 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
         text = f.read().decode(errors="replace")
     for model in dits:
         assert f"Requested to load {model}\n" in text, (model, text[-3000:])
+    if one_pass:      # the node named the student, and it drew the class the prompt asked for
+        assert f"TiUE student {FASHION_FILES['unet_name']} (distilled for these timesteps)" in text, text[-3000:]
+        (node_id,) = saves
+        image = entry["outputs"][node_id]["images"][0]
+        with Image.open(base / "output" / image["subfolder"] / image["filename"]) as png:
+            pixels = torch.from_numpy(np.asarray(png.convert("L"), dtype=np.float32) / 255)
+        assert pixels.shape == (28, 28) and fm.classify(pixels[None]).tolist() == [fm.CLASSES.index("Sneaker")]
     runs = [m.groupdict() for m in SERVED.finditer(text)]
     for strategy in set(strategies.values()):
         assert any(r["strategy"] == strategy and int(r["skipped"]) > 0 for r in runs), (strategy, runs)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))   # the repo root, for ``testmodel``
 import testmodel as tm  # noqa: E402
+import testmodel.fashion as fm  # noqa: E402
 import testmodel.wan as tw  # noqa: E402
 
 
@@ -45,7 +46,8 @@ NODE_CLASS_MAPPINGS = {"FDTestDigitsModel": FDTestDigitsModel, "FDTestDigitsCond
 
 # Stand-ins for a checkpoint's model, CLIP and VAE, so the shipped example workflows run on the test host
 # with only the checkpoint swapped (tests/test_browser.py rewrites CheckpointLoaderSimple, CLIPTextEncode and
-# VAEDecode to these; every other node, FasterDiffusion's included, runs as saved).
+# VAEDecode to these; every other node, FasterDiffusion's included, runs as saved). The file name picks the model:
+# a tiny random SDXL for an "xl" file, the Fashion-MNIST model for a "fashion" one, else the digits model.
 class _TextEncoder:
     def __init__(self, kind, tokens=None):
         self.kind, self.tokens = kind, tokens
@@ -63,6 +65,9 @@ class FDTestCheckpoint:
     def load(self, ckpt_name):
         if "xl" in ckpt_name.lower():
             return tm.sdxl_tiny_model(), _TextEncoder("sdxl"), tm.StandInVAE("sdxl")
+        if "fashion" in ckpt_name.lower():
+            model, tokens = fm.load_fashion_model()
+            return model, _TextEncoder("fashion", tokens), _FashionVAE()
         model, tokens = tm.load_test_model()
         return model, _TextEncoder("digits", tokens), tm.StandInVAE("digits")
 
@@ -89,8 +94,25 @@ class FDTestTextEncode:
                       {"pooled_output": torch.randn(1, pooled_dim, generator=g)}]],)
         if clip.kind == "wan":      # umT5 tokens only, as the stand-in Wan takes them
             return ([[tw.text(seed), {}]],)
+        if clip.kind == "fashion":  # the class the text names ("sneaker"), else as for digits
+            return (fm.conditioning(clip.tokens, [fashion_class(text)])[0],)
         digit = next((int(c) for c in text if c.isdigit()), seed)
         return (tm.digit_conditioning(clip.tokens, [digit])[0],)
+
+
+def fashion_class(text: str) -> int:
+    """The Fashion-MNIST class a prompt names (the first of ``fm.CLASSES`` in it), else its first digit, else the
+    sum of its bytes mod 10 (as FDTestTextEncode picks a digit)."""
+    lower = text.lower()
+    named = [i for i, name in enumerate(fm.CLASSES) if name.lower() in lower]
+    return named[0] if named else next((int(c) for c in text if c.isdigit()), sum(text.encode()) % 10)
+
+
+class _FashionVAE:
+    """``decode(latents) -> images [B,28,28,3]``: the Fashion-MNIST model's pixel fold, grey in three channels."""
+
+    def decode(self, latents):
+        return fm.decode(latents).unsqueeze(-1).repeat(1, 1, 1, 3)
 
 
 class FDTestVAEDecode:
@@ -111,9 +133,9 @@ NODE_CLASS_MAPPINGS.update(FDTestCheckpoint=FDTestCheckpoint, FDTestTextEncode=F
 
 
 # Stand-in for UNETLoader ("Load Diffusion Model"), chosen by the file name: a tiny random Flux or Wan 2.1 T2V for a
-# Flux or Wan file (their DualCLIPLoader / CLIPLoader and VAELoader stand-ins are at the end), else the digits model's
-# committed TiUE student (tools/train_tiue.py) for the One-Pass example workflow (tests/test_browser.py rewrites
-# UNETLoader to this).
+# Flux or Wan file (their DualCLIPLoader / CLIPLoader and VAELoader stand-ins are at the end), else a committed TiUE
+# student (tools/train_tiue.py) for the One-Pass example workflow: the Fashion-MNIST one for a "fashion" file, else the
+# digits one (tests/test_browser.py rewrites UNETLoader to this).
 class FDTestUNetLoader:
     CATEGORY = "testing/faster_diffusion"
     RETURN_TYPES = ("MODEL",)
@@ -130,6 +152,8 @@ class FDTestUNetLoader:
             return (flux_model(guidance_embed="schnell" not in name),)
         if "wan" in name:
             return (tw.wan21_t2v(),)
+        if "fashion" in name:
+            return (fm.load_fashion_model(tm.REPO / "testmodel" / "fashion_tiue_student.safetensors")[0],)
         return (tm.load_test_model(tm.REPO / "testmodel" / "digits_tiue_student.safetensors")[0],)
 
 
