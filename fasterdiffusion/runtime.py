@@ -31,6 +31,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
+from .distributed import split_decode, world_of
 from .forecast import REUSE, extrapolate_steps
 from .schedule import match_step
 from .settings import Settings
@@ -130,6 +131,7 @@ class RunStats:
     late_keys: list | None = None    # steps made key steps during the run (a ControlNet starting there)
     propagation: str = "reuse"       # "reuse", or "forecast (order N)": what non-key decoders got
     forecast_off: str | None = None  # why a forecast setting ran as reuse
+    split: str | None = None         # "rank R of N": a group's decoders split across a process group's ranks
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -145,11 +147,14 @@ class Run:
     ``sigmas``: the run's schedule (steps + 1 entries, the last usually 0), used to place a call on its
     step and for per-row bookkeeping of batched calls; ``timesteps``: the model timestep of each step.
     ``bypass``: why this run must compute every call in full (an unserved sampler or model), or None.
+    ``process_group``: a ``torch.distributed`` process group whose ranks all run this same generation and split each
+    group's decoder steps between them (``distributed.py``); None: one process.
     """
 
     def __init__(self, settings: Settings, sigmas: Sequence[float], timesteps, bypass: str | None = None,
-                 forecast_off: str | None = None):
+                 forecast_off: str | None = None, process_group=None):
         self.settings = settings
+        self.process_group = process_group
         self.sigmas = [float(s) for s in sigmas]
         if not self.sigmas:
             raise ValueError("FasterDiffusion: a sampling run needs a schedule of at least one sigma")
@@ -167,6 +172,9 @@ class Run:
             self.stats.forecast_off = forecast_off
         if self.forecast.order > 0:
             self.stats.propagation = f"forecast (order {self.forecast.order})"
+        rank, world = world_of(process_group)
+        if world > 1:
+            self.stats.split = f"rank {rank} of {world}"
         self.groups: dict = {}        # call slot -> the group its newest key features (history[slot][-1]) serve
         self.history: dict = {}       # call slot -> [(key step, Features)], oldest first: its last key steps
         self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
@@ -271,7 +279,7 @@ class Run:
             self.stats.decoder_batches.append(1)
             return adapter.decode(call, feats, emb)
         outs, widths = decode_steps(adapter, call, lambda start, n: self.features_at(slot, group[start:start + n]),
-                                    self.rows_for(call, group), self.settings.max_decoder_batch)
+                                    self.rows_for(call, group), self.settings.max_decoder_batch, self.process_group)
         self.stats.decoder_batches.extend(widths)
         for s, out in zip(group[1:], outs[1:]):
             self.outputs[(slot, s)] = out
@@ -348,24 +356,31 @@ class RunModel:
         return getattr(self._model, name)
 
 
-def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_decoder_batch: int):
+def decode_steps(adapter: UNetAdapter, call: ModelCall, feats, rows: list, max_decoder_batch: int, process_group=None):
     """Decoder outputs of several steps on one set of features (``Features``) or on each step's own
     (``feats(start, n)`` gives entries start..start+n-1 of ``rows`` stacked), in as few batched calls as
     ``max_decoder_batch`` (0 = no cap) allows; returns (outputs, steps per call).  Rows are independent: sub-batching
-    is exact."""
+    is exact.  With a ``process_group`` of several ranks each rank decodes its share of the steps and every rank gets
+    every output (``distributed.split_decode``); the widths are then this rank's calls."""
     stacked = feats if callable(feats) else (lambda start, n: feats.tile(n))
     b = call.rows
     per_call = len(rows) if max_decoder_batch <= 0 else max(1, max_decoder_batch // b)
-    outs, widths = [], []
-    for start in range(0, len(rows), per_call):
-        chunk = rows[start:start + per_call]
-        n = len(chunk)
-        sig = None if chunk[0][1] is None else torch.cat([s for _, s in chunk])
-        big = adapter.tile(call, n, torch.cat([t for t, _ in chunk]), sig)
-        out = adapter.decode(big, stacked(start, n), adapter.embed(big))
-        outs.extend(out.chunk(n))
-        widths.append(n)
-    return outs, widths
+
+    def decode(first: int, count: int):
+        outs, widths = [], []
+        for start in range(first, first + count, per_call):
+            chunk = rows[start:min(start + per_call, first + count)]
+            n = len(chunk)
+            sig = None if chunk[0][1] is None else torch.cat([s for _, s in chunk])
+            big = adapter.tile(call, n, torch.cat([t for t, _ in chunk]), sig)
+            out = adapter.decode(big, stacked(start, n), adapter.embed(big))
+            outs.extend(out.chunk(n))
+            widths.append(n)
+        return outs, widths
+
+    if world_of(process_group)[1] == 1:
+        return decode(0, len(rows))
+    return split_decode(decode, len(rows), process_group, [call.x, call.context, call.timesteps])
 
 
 def format_report(r: dict) -> str:
@@ -388,4 +403,6 @@ def format_report(r: dict) -> str:
         text += f"; {r['forecast_off']}"
     if r.get("parallel_off"):
         text += f"; {r['parallel_off']}"
+    if r.get("split"):
+        text += f"; decoders split across ranks ({r['split']}; batches are this rank's)"
     return text

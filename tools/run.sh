@@ -10,6 +10,7 @@
 #   bash tools/run.sh dit [args]         tools/dit_benchmark.py (the trained Flux-shaped model vs EasyCache and fewer steps)
 #   bash tools/run.sh onepass [args]     tools/onepass_benchmark.py (TiUE students vs their teacher's few steps)
 #   bash tools/run.sh tiue [args]        tools/train_tiue.py (distil a one-pass student: --digits, --fashion, --teacher)
+#   bash tools/run.sh split [args]       tools/split_benchmark.py (decoders split across 1, 2, 3 CPU processes; ~3 min)
 #   bash tools/run.sh compare --old DIR  tools/compare_revisions.py: another revision vs this one, one process
 # FD_COMFYUI=0.33.0 (or 0.3.75) picks one host for any command; the tools default to 0.3.75, `test` runs both
 # (COMFYUI_PATH=/your/ComfyUI: that tree alone).
@@ -17,7 +18,7 @@
 # checks its stamp), then runs under the host's venv python with OMP_NUM_THREADS=1 unless you set it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage() { sed -n '2,17s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 command="$1"; shift
 case "$command" in
@@ -30,6 +31,7 @@ case "$command" in
   dit)       args=(tools/dit_benchmark.py) ;;
   onepass)   args=(tools/onepass_benchmark.py) ;;
   tiue)      args=(tools/train_tiue.py) ;;
+  split)     args=(tools/split_benchmark.py) ;;
   compare)   args=(tools/compare_revisions.py) ;;
   *)         usage ;;
 esac

@@ -14,6 +14,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import USE_PEFT_BACKEND
 
 from ..forecast import DEFAULT_PROPAGATION
+from ..distributed import check_group
 from ..runtime import Run
 from ..settings import Settings
 from ..strategy import Strategy
@@ -167,7 +168,8 @@ class _PipelineCall:
         if reason and not reason.endswith("in full"):
             reason += ": every call ran in full"
         self.run = Run(self.handle.settings, schedule_sigmas(sched, self.schedule, begin or 0), self.schedule, bypass=reason,
-                       forecast_off=scheduler_forecast_off_reason(sched, len(self.schedule)))
+                       forecast_off=scheduler_forecast_off_reason(sched, len(self.schedule)),
+                       process_group=self.handle.process_group)
         if self.controls is not None:
             self.controls.begin(self.run)
 
@@ -268,8 +270,9 @@ class FasterDiffusionHandle:
     """What ``apply`` returns: ``reports`` (one ``Run.finish()`` dict per pipeline call that ran the UNet)
     and ``remove()``, which restores the pipeline exactly.  Also a context manager (removes on exit)."""
 
-    def __init__(self, pipe, settings: Settings):
+    def __init__(self, pipe, settings: Settings, process_group=None):
         self.pipe = pipe
+        self.process_group = process_group
         self.denoiser_attr = denoiser_attr(pipe)       # "unet" or "transformer"
         self.denoiser = getattr(pipe, self.denoiser_attr)
         self.settings = settings
@@ -368,7 +371,8 @@ def _owning_subclass_of(pipe):
 
 
 def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_decoder_batch: int = 32,
-          propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True, encoder_blocks: int = 0):
+          propagation: str = DEFAULT_PROPAGATION, controlnet_reuse: bool = True, encoder_blocks: int = 0,
+          process_group=None):
     """Patch ``pipe`` (one of ``SUPPORTED_PIPELINES``: Stable Diffusion / SDXL / ControlNet text-to-image and img2img,
     DeepFloyd-IF stages I and II, Stable Video Diffusion, ModelScope text-to-video, Text2Video-Zero, AnimateDiff, DiT) in
     place with encoder propagation and parallel decoders; returns the handle (``reports``, ``remove()``).
@@ -378,6 +382,10 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     ControlNet runs at key steps only; non-key steps reuse its key-step residuals at their own scale (``controlnet.py``).
     ``encoder_blocks``: transformers (DiT) only, how many blocks form the encoder (0 = the model's default, the
     paper's 18 of DiT-XL/2's 28 blocks, the same fraction of other depths).
+    ``process_group``: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under torchrun)
+    whose ranks all run the same pipeline call (same prompt, seed and settings): each group's decoder steps are split
+    between them and their outputs all-gathered, so every rank gets the same latents (``fasterdiffusion.distributed``,
+    ``examples/diffusers_multi_gpu.py``); None (default): one process.
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
     denoiser (UNet or transformer) it cannot serve, StrategyError for a bad strategy string (the message shows the
@@ -385,6 +393,7 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     """
     settings = Settings.of(strategy, parallel, max_decoder_batch, propagation, controlnet_reuse,
                            encoder_blocks=encoder_blocks)
+    check_group(process_group)
     previous = _owning_subclass_of(pipe)
     if previous is not None:
         log.info("FasterDiffusion: the pipeline was already patched; the settings of the last apply() win")
@@ -406,5 +415,5 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
         # an accelerate hook (CPU offload) inside ours would be skipped by the split, which calls the blocks
         raise RuntimeError(f"FasterDiffusion: the {attr} has an accelerate hook (CPU offload): call apply() first, "
                            "then enable_model_cpu_offload() (pipe.remove_all_hooks() removes it)")
-    return FasterDiffusionHandle(pipe, settings)
+    return FasterDiffusionHandle(pipe, settings, process_group)
 
