@@ -9,7 +9,7 @@ decoder outputs are all-gathered, so every rank ends with the same latents; rank
 pays and what it sends: docs/scaling.md.  Under torchrun on a machine without GPUs it runs on the CPU with ``gloo``.
 
 ``--tiny`` runs the project's tiny random-weight SD1.5-shaped pipeline instead (tests/diffusers_tiny.py; no download)
-and prints each rank's stats and seconds per group: the smoke test (tests/test_distributed.py) and the timing of
+and prints each rank's stats and seconds per group (``--json-dir``: also one file per rank): the smoke test (tests/test_distributed.py) and the timing of
 ``tools/split_benchmark.py`` use it.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--width", type=int, default=32, help="--tiny: the UNet's base width (SD1.5's layout)")
     ap.add_argument("--latent", type=int, default=16, help="--tiny: the latent's side")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after a warm-up (--tiny)")
+    ap.add_argument("--json-dir", default="", help="--tiny: write each rank's figures to DIR/rank<R>.json too (the "
+                    "ranks' printed lines can interleave)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
     args = ap.parse_args()
 
@@ -87,9 +89,13 @@ def main():
     report = handle.reports[-1]
     groups = report["encoder_calls"] + report["full_calls"]
     if args.tiny:
-        print(json.dumps(dict(rank=rank, world=dist.get_world_size() if distributed else 1, seconds=min(times),
-                              per_group=min(times) / max(groups, 1), latents_sum=float(out.double().sum()),
-                              report=report)), flush=True)
+        figures = json.dumps(dict(rank=rank, world=dist.get_world_size() if distributed else 1, seconds=min(times),
+                                  per_group=min(times) / max(groups, 1), latents_sum=float(out.double().sum()),
+                                  report=report))
+        print(figures, flush=True)
+        if args.json_dir:
+            Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.json_dir) / f"rank{rank}.json").write_text(figures)
     elif rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out[0].save(args.out)

@@ -23,8 +23,10 @@ imports a host.
 """
 from __future__ import annotations
 
+import copy
 import enum
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence
@@ -132,11 +134,15 @@ class RunStats:
     propagation: str = "reuse"       # "reuse", or "forecast (order N)": what non-key decoders got
     forecast_off: str | None = None  # why a forecast setting ran as reuse
     split: str | None = None         # "rank R of N": a group's decoders split across a process group's ranks
+    devices: list | None = None      # the devices that each kept their own caches (ComfyUI's MultiGPU CFG split)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if v is not None}
         return d
+
+
+COUNTERS = ("full_calls", "encoder_calls", "cached_calls", "off_schedule_calls", "fallback_calls")
 
 
 class Run:
@@ -179,7 +185,28 @@ class Run:
         self.history: dict = {}       # call slot -> [(key step, Features)], oldest first: its last key steps
         self.outputs: dict = {}       # (call slot, step) -> decoder output precomputed in a group batch
         self._seen: dict = {}         # call slot -> calls so far in the current sampler evaluation
+        self._devices: dict = {}      # device -> its own Run (for_device)
+        self._lock = threading.Lock()
         self._t0 = time.perf_counter()
+
+    def for_device(self, device) -> "Run":
+        """This run's own state on one ``device`` of a host that runs one sampler evaluation's calls on several
+        devices at once, in threads (ComfyUI's MultiGPU CFG split, whose cond chunks may move between devices from
+        step to step): the same settings, schedule and plan, but its own caches and counters, so no device is served
+        features another computed; ``begin_evaluation`` and ``add_keys`` reach every device's run, and ``finish``
+        adds their stats into this run's one report."""
+        with self._lock:
+            run = self._devices.get(device)
+            if run is None:
+                run = copy.copy(self)
+                run.groups, run.history, run.outputs, run._seen, run._devices = {}, {}, {}, {}, {}
+                run._lock = threading.Lock()
+                run.stats = copy.deepcopy(self.stats)
+                for name in COUNTERS:
+                    setattr(run.stats, name, 0)
+                run.stats.decoder_batches = []
+                self._devices[device] = run
+            return run
 
     # ------------------------------------------------------------------------------ placing a call
 
@@ -193,6 +220,8 @@ class Run:
         """The host's sampler starts a new model evaluation: calls of the same slot after this are a new
         occurrence 0 (a second call of one slot inside one evaluation is a guidance pass of its own)."""
         self._seen.clear()
+        for run in list(self._devices.values()):
+            run.begin_evaluation()
 
     def slot_of(self, call: ModelCall) -> tuple:
         n = self._seen.get(call.slot, 0)
@@ -208,6 +237,8 @@ class Run:
             self.plan = self.plan.with_keys(new)
             self.stats.keys = list(self.plan.keys)
             self.stats.late_keys = sorted(set(self.stats.late_keys or ()) | set(new))
+        for run in list(self._devices.values()):
+            run.add_keys(steps)
         return new
 
     def decide(self, step: int | None, slot) -> Outcome:
@@ -305,10 +336,22 @@ class Run:
         self.groups.clear()
         self.history.clear()
         self.outputs.clear()
+        for run in self._devices.values():
+            run.drop_caches()
 
     def finish(self) -> dict:
-        """Drop the caches and return the run's stats."""
+        """Drop the caches and return the run's stats (each device's run's added in)."""
         self.drop_caches()
+        s = self.stats
+        for run in self._devices.values():
+            t = run.stats
+            for name in COUNTERS:
+                setattr(s, name, getattr(s, name) + getattr(t, name))
+            s.decoder_batches.extend(t.decoder_batches)
+            s.parallel_off = s.parallel_off or t.parallel_off
+            s.bypassed = s.bypassed or t.bypassed
+        if self._devices:
+            s.devices = [str(d) for d in self._devices]
         self.stats.seconds = round(time.perf_counter() - self._t0, 3)
         return self.stats.as_dict()
 
@@ -403,6 +446,8 @@ def format_report(r: dict) -> str:
         text += f"; {r['forecast_off']}"
     if r.get("parallel_off"):
         text += f"; {r['parallel_off']}"
+    if r.get("devices"):
+        text += f"; MultiGPU: each of {len(r['devices'])} devices kept its own caches"
     if r.get("split"):
         text += f"; decoders split across ranks ({r['split']}; batches are this rank's)"
     return text

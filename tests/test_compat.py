@@ -446,20 +446,3 @@ def test_torch_compile_model(pack, digits, caplog):
     ksampler(fd, *conds)
     ksampler(uneven, *conds)
     assert split.graphs == {"encoder": 1, "decoder": 3}, "later runs compile nothing"
-
-
-def test_multigpu_cfg_split_runs_in_full_and_says_so(pack, digits, caplog):
-    """ComfyUI 0.33's MultiGPU CFG split puts device clones on the model (additional models "multigpu") and runs one
-    evaluation's cond chunks on several devices at once, in threads: one run's caches cannot serve that, so the run
-    is bypassed with one line and counts its calls.  (A CPU host has one device: the split itself never runs here;
-    a clone stands in for the device clone, which ComfyUI then leaves unused.)"""
-    model, tok = digits
-    conds = conditioning(tok)
-    split = model.clone()
-    split.set_additional_models("multigpu", [model.clone()])
-    check_stays_out(pack, split, ksampler(split, *conds), conds, caplog, "MultiGPU CFG split runs this model on "
-                    "several devices at once, in threads, which one run's feature caches cannot serve: every step ran "
-                    "in full")
-    plain, config = apply(pack, model, KEYS)
-    ksampler(plain, *conds)
-    assert config.reports[-1]["cached_calls"] > 0, "without the clones the same model is served"

@@ -122,14 +122,14 @@ def test_a_process_group_without_torch_distributed_is_refused_naming_the_fix():
         apply(dt.sd15(), process_group=object())
 
 
-def test_the_torchrun_example_runs_and_every_rank_agrees():
+def test_the_torchrun_example_runs_and_every_rank_agrees(tmp_path):
     """examples/diffusers_torchrun.py under torchrun (2 processes, gloo on the CPU, --tiny): every rank prints the same
     latents and its own share of the decoders."""
     example = HERE.parent / "examples" / "diffusers_torchrun.py"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(example), "--tiny",
-                          "--steps", "6", "--strategy", "0,3", "--width", "32", "--latent", "8", "--timeout", "60"],
-                         capture_output=True, text=True, timeout=240)
-    ranks = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+                          "--steps", "6", "--strategy", "0,3", "--width", "32", "--latent", "8", "--timeout", "60",
+                          "--json-dir", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert out.returncode == 0 and len(ranks) == 2, out.stdout[-2000:] + out.stderr[-3000:]
     assert ranks[0]["latents_sum"] == ranks[1]["latents_sum"]
     assert [r["report"]["split"] for r in ranks] == ["rank 0 of 2", "rank 1 of 2"]

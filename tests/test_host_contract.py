@@ -223,3 +223,13 @@ def test_controlnet_residuals_come_keyed_input_middle_output(host):
     import comfy.controlnet
     source = inspect.getsource(comfy.controlnet.ControlBase.control_merge)
     assert all(f"'{k}'" in source or f'"{k}"' in source for k in ("input", "middle", "output"))
+
+
+def test_multigpu_threads_name_their_device(host):
+    """ComfyUI 0.33's MultiGPU CFG split tells each device thread's calls which device they run on
+    (``transformer_options["multigpu_thread_device"]``): the glue keeps a run state per device by it
+    (tests/test_multigpu.py drives the path)."""
+    import comfy.samplers
+    if not hasattr(comfy.samplers, "_calc_cond_batch_multigpu"):
+        pytest.skip("no MultiGPU CFG split in this host")
+    assert '"multigpu_thread_device"' in inspect.getsource(comfy.samplers._calc_cond_batch_multigpu)

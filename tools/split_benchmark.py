@@ -8,6 +8,10 @@ rank; the seconds per group are the fastest of ``--repeats`` pipeline calls over
 its key step's encoder, its share of the decoders, the all-gather).  Every rank's latents must agree with N = 1's.
 Read the figures as a shape, not a GPU claim: the ranks share this machine's cores and memory bandwidth (a process per
 core at most scales), and ``gloo`` moves the outputs through the loopback.  Writes docs/quality/split_cpu.md.
+
+``--gpu-table`` prints instead what docs/scaling.md shows for GPUs: the UNet time of 50 steps with the decoder split
+over N devices, composed from the H100 curve measured in ../shared/docs/gpu.md (``GPU_MS``), and the bytes each group
+moves for SD1.5, SDXL and SVD.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ EXAMPLE = ROOT / "examples" / "diffusers_torchrun.py"
 
 
 def run(world: int, args) -> list[dict]:
-    cmd = [str(EXAMPLE), "--tiny", "--width", str(args.width), "--latent", str(args.latent), "--steps",
+    import tempfile
+    figures = Path(tempfile.mkdtemp())
+    cmd = [str(EXAMPLE), "--tiny", "--json-dir", str(figures), "--width", str(args.width), "--latent", str(args.latent), "--steps",
            str(args.steps), "--strategy", args.strategy, "--repeats", str(args.repeats), "--prompt", "a red cat"]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), *cmd]
@@ -31,13 +37,76 @@ def run(world: int, args) -> list[dict]:
         cmd = [sys.executable, *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(p.read_text()) for p in sorted(figures.glob("rank*.json"))]
     if out.returncode or len(lines) != world:
         raise SystemExit(f"N = {world} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return sorted(lines, key=lambda d: d["rank"])
 
 
+# ms per UNet call on one H100, fp16, ComfyUI 0.3.75's UNetModel, one image with CFG (../shared/docs/gpu.md): the full
+# forward, encoder + middle, and one decoder batch of w steps
+GPU_MS = {
+    "SD1.5 512², eager": (34.6, 14.5, {1: 19.3, 2: 20.0, 4: 23.6, 5: 26.1, 8: 34.6, 10: 41.1, 15: 58.1}),
+    "SD1.5 512², CUDA graphs": (11.9, 4.6, {1: 7.5, 2: 10.7, 4: 17.4, 5: 21.5, 8: 31.1, 10: 39.5, 15: 56.2}),
+    "SDXL 1024², eager": (76.8, 36.1, {1: 29.8, 2: 45.3, 4: 79.8, 5: 99.0, 8: 149.0, 10: 187.8, 15: 275.0}),
+    "SDXL 1024², CUDA graphs": (41.9, 17.9, {1: 24.1, 2: 42.0, 4: 78.1, 5: 97.3, 8: 147.9, 10: 186.9, 15: 274.4}),
+}
+# (latent channels, latent side h x w, rows per step with CFG, UNet channels per level, res blocks per level)
+LAYOUTS = {"SD1.5 512²": (4, (64, 64), 2, (320, 640, 1280, 1280), 2),
+           "SDXL 1024²": (4, (128, 128), 2, (320, 640, 1280), 2),
+           "SVD 14 frames 576x1024": (4, (72, 128), 2 * 14, (320, 640, 1280, 1280), 2)}
+
+
+def decoder_ms(curve: dict, width: int) -> float:
+    """Piecewise-linear between the measured widths (0 for no steps)."""
+    if width == 0:
+        return 0.0
+    pts = sorted(curve.items())
+    for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
+        if width <= w1:
+            return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
+    (wa, ta), (wb, tb) = pts[-2], pts[-1]
+    return tb + (tb - ta) * (width - wb) / (wb - wa)
+
+
+def composed_ms(model: str, groups: list, devices: int) -> float:
+    """UNet ms of a run: a lone key step in full, a group one encoder pass plus its widest rank's decoder batch."""
+    full, enc, curve = GPU_MS[model]
+    return sum(full if g == 1 else enc + decoder_ms(curve, -(-g // devices)) for g in groups)
+
+
+def gpu_table() -> str:
+    sys.path.insert(0, str(ROOT))
+    from fasterdiffusion.strategy import make_plan, parse_strategy
+    worlds = (1, 2, 4, 8)
+    lines = ["| model | keys (50 steps) | " + " | ".join(f"N = {n}" for n in worlds) + " |",
+             "|---|---|" + "---|" * len(worlds)]
+    for model, (full, _, _) in GPU_MS.items():
+        for strategy in ("paper", "uniform:5"):
+            groups = [len(g) for g in make_plan(parse_strategy(strategy), 50).groups]
+            base = 50 * full
+            cells = [f"{composed_ms(model, groups, n) / base:.3f}" for n in worlds]
+            lines.append(f"| {model} | {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | one step's decoder output (fp16) | a group of 10 steps on N = 2 / 4 / 8: what each rank "
+              "receives (shares padded to the largest) | the key step's encoder features (fp16), were they sent instead |", "|---|---|---|---|"]
+    for name, (c, (h, w), rows, chans, blocks) in LAYOUTS.items():
+        step = c * h * w * rows * 2
+        feats, side = chans[0] * h * w, (h, w)                      # conv_in
+        for level, ch in enumerate(chans):
+            feats += blocks * ch * side[0] * side[1]
+            if level < len(chans) - 1:
+                side = (side[0] // 2, side[1] // 2)
+                feats += ch * side[0] * side[1]                     # the downsample's output
+        feats += chans[-1] * side[0] * side[1]                      # the middle block
+        recv = [f"{(n - 1) * -(-10 // n) * step / 2**20:.2f}" for n in (2, 4, 8)]     # padded to the largest share
+        lines.append(f"| {name} | {step / 2**10:.0f} KiB | {' / '.join(recv)} MiB | {feats * rows * 2 / 2**20:.0f} MiB |")
+    return "\n".join(lines)
+
+
 def main():
+    if "--gpu-table" in sys.argv:
+        print(gpu_table())
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--width", type=int, default=64)

@@ -75,20 +75,16 @@ def sampler_bypass_reason(sampler) -> str | None:
     return bypass_reason(sampler_name(sampler))
 
 
-def host_feature_reason(model_options, multigpu: bool = False) -> str | None:
+def host_feature_reason(model_options) -> str | None:
     """Why a host feature on the model rules encoder propagation out for the run, or None.  EasyCache and
     LazyCache (either order of nodes) skip whole steps by their own measure: stacked on encoder propagation
     each would approximate the other's approximation.  TorchCompileModel compiles the UNet's forward with
     our hook inside it: a run that has nothing to skip leaves it alone (``begin_run``); one that serves compiles
-    the split instead (``compile.py``).  ComfyUI's MultiGPU CFG split (``multigpu``: the model carries MultiGPU clones) runs the
-    cond chunks of one evaluation on several devices at once, in threads."""
+    the split instead (``compile.py``)."""
     holder = model_options.get("transformer_options", {}).get("easycache")
     if holder is not None:
         name = getattr(holder, "name", "EasyCache")
         return f"{name} is also applied to this model: every step ran in full, {name} alone decides what to skip"
-    if multigpu or model_options.get("multigpu_clones"):
-        return ("MultiGPU CFG split runs this model on several devices at once, in threads, which one run's feature "
-                "caches cannot serve: every step ran in full")
     return None
 
 
@@ -121,11 +117,15 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
               multigpu: bool = False, unet=None) -> tuple[Run, dict]:
     """A fresh Run and a clone of ``model_options`` that carries it (and the DIFFUSION_MODEL wrapper,
     for callers that hooked in without the Apply node); ``multigpu``: the model carries MultiGPU clones that
-    ``model_options`` does not show yet (the Apply hook runs before ComfyUI prepares them).  A bypassed run's calls
+    ``model_options`` does not show yet (the Apply hook runs before ComfyUI prepares them): ComfyUI 0.33's MultiGPU CFG
+    split runs one evaluation's cond chunks on several devices at once, in threads, each device on its own run state
+    (``Run.for_device``), and a ControlNet is then computed at every step on each device (its key-step residuals live
+    on the device that made them, so ``controlnet_reuse`` stays out).  A bypassed run's calls
     are counted by an APPLY_MODEL wrapper, outside the UNet: under TorchCompileModel the UNet (our DIFFUSION_MODEL
     wrapper inside it) is one compiled graph, which on ComfyUI 0.33 keeps no guards on transformer_options."""
     flat = sigmas.flatten()
-    bypass = sampler_bypass_reason(sampler) or host_feature_reason(model_options, multigpu)
+    bypass = sampler_bypass_reason(sampler) or host_feature_reason(model_options)
+    multigpu = multigpu or bool(model_options.get("multigpu_clones"))
     compiled = compile_settings(model_options)
     ldm_family = unet is None or adapter_class(unet) is LdmUNetAdapter    # the split compiles and reuses ControlNets
     if compiled is not None and not bypass:
@@ -144,7 +144,7 @@ def begin_run(config: FasterDiffusionConfig, sigmas, model_sampling, sampler, mo
         wrappers[WRAP.DIFFUSION_MODEL][KEY] = [untraced_diffusion_model_wrapper]
     if run.bypass:
         wrappers.setdefault(WRAP.APPLY_MODEL, {})[KEY] = [count_bypassed_call]
-    elif config.settings.controlnet_reuse and ldm_family:    # transformers: each step's own residuals
+    elif config.settings.controlnet_reuse and ldm_family and not multigpu:   # transformers: each step's own residuals
         to[CONTROL_KEY] = ControlReuse(run)
         wrappers.setdefault(WRAP.CALC_COND_BATCH, {})[KEY] = [calc_cond_batch_wrapper]
     return run, options
@@ -187,6 +187,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     a = bind(unet, args, kwargs)
     to = a["transformer_options"]
     run = to.get(RUN_KEY)
+    if run is not None and "multigpu_thread_device" in to:     # a MultiGPU CFG split's device thread: its own state
+        run = run.for_device(to["multigpu_thread_device"])
 
     def full():       # the host's forward; deferred ControlNet residuals (controlnet_reuse) computed now
         control = a.get("control")
@@ -207,9 +209,6 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         run.full_call(f"a DIFFUSION_MODEL wrapper inside FasterDiffusion's ({inner}) wraps the UNet's forward, which "
                       "the split would go around at every served call: every step ran in full (apply that wrapper's "
                       "node before FasterDiffusion Apply to put it outside)")
-        return full()
-    if "multigpu_thread_device" in to:    # a MultiGPU thread the run's set-up did not see coming: stay out
-        run.count_full_call()
         return full()
     sigmas = to.get("sigmas")
     step = None if sigmas is None or sigmas.numel() == 0 else run.step_of(float(sigmas.flatten()[0]))
@@ -245,7 +244,8 @@ def end_run(run: Run, options: dict, config: FasterDiffusionConfig):
 def count_bypassed_call(executor, *args, **kwargs):
     """APPLY_MODEL, in a bypassed run only: each UNet call, counted where no compiled graph can swallow it."""
     to = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-    to[RUN_KEY].count_full_call()
+    run = to[RUN_KEY]
+    (run.for_device(to["multigpu_thread_device"]) if "multigpu_thread_device" in to else run).count_full_call()
     return executor(*args, **kwargs)
 
 
