@@ -351,7 +351,7 @@ class Run:
             s.parallel_off = s.parallel_off or t.parallel_off
             s.bypassed = s.bypassed or t.bypassed
         if self._devices:
-            s.devices = [str(d) for d in self._devices]
+            s.devices = sorted(str(d) for d in self._devices)
         self.stats.seconds = round(time.perf_counter() - self._t0, 3)
         return self.stats.as_dict()
 
