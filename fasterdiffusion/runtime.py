@@ -343,7 +343,7 @@ class Run:
         """Drop the caches and return the run's stats (each device's run's added in)."""
         self.drop_caches()
         s = self.stats
-        for run in self._devices.values():
+        for _, run in sorted(self._devices.items(), key=lambda item: str(item[0])):    # device order, not thread order
             t = run.stats
             for name in COUNTERS:
                 setattr(s, name, getattr(s, name) + getattr(t, name))
