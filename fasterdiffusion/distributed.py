@@ -58,15 +58,12 @@ def check_group(group) -> None:
                          "process_group=None for one process")
 
 
-def checksum(call_tensors) -> list[float]:
-    """Two float64 sums of the call's inputs (x, context, timesteps): equal on ranks that sample the same thing."""
-    total, absolute = 0.0, 0.0
-    for t in call_tensors:
-        if t is not None:
-            d = t.detach().double()
-            total += float(d.sum())
-            absolute += float(d.abs().sum())
-    return [total, absolute]
+def checksum(call_tensors) -> torch.Tensor:
+    """Two float64 sums of the call's inputs (x, context, timesteps), on the CPU: equal on ranks that sample the same
+    thing (one host sync per key step; the health exchange needs one anyway)."""
+    sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
+            for t in call_tensors if t is not None]
+    return torch.stack(sums).sum(0).cpu() if sums else torch.zeros(2, dtype=torch.float64)
 
 
 def split_decode(decode: Callable[[int, int], tuple[list, list]], n: int, group, inputs) -> tuple[list, list]:
@@ -98,7 +95,7 @@ def split_decode(decode: Callable[[int, int], tuple[list, list]], n: int, group,
     ref = next(s for s in everyone if s[3] > 0)
     shape = [int(d) for d in ref[5:5 + int(ref[4])]]
     dtype = _DTYPES[int(ref[3]) - 1]
-    device = outs[0].device if outs else torch.device("cpu")
+    device = outs[0].device if outs else next(t.device for t in inputs if t is not None)   # where the call runs
     most = table[0][1]
     mine = torch.zeros([most] + shape, dtype=dtype, device=device)
     if count:
@@ -112,7 +109,7 @@ def _status(outs, error, inputs) -> torch.Tensor:
     """[failed, checksum, |checksum|, dtype code (0: none), ndim, *shape] of one rank's share, float64."""
     s = torch.zeros(5 + _SHAPE, dtype=torch.float64)
     s[0] = error is not None
-    s[1:3] = torch.tensor(checksum(inputs), dtype=torch.float64)
+    s[1:3] = checksum(inputs)
     if outs and error is None:
         shape = list(outs[0].shape)
         if outs[0].dtype in _DTYPES and len(shape) <= _SHAPE:
@@ -125,12 +122,16 @@ def _status(outs, error, inputs) -> torch.Tensor:
 
 
 def _gather(group, tensor: torch.Tensor, world: int) -> list:
-    """``all_gather`` of one tensor per rank (moved to the CPU and back for gloo); a collective that fails (a rank
-    died, or passed the group's timeout) raises SplitError."""
+    """``all_gather`` of one tensor per rank, through the device the backend moves (gloo: the CPU; NCCL: this rank's
+    CUDA device), returned where ``tensor`` was; a collective that fails (a rank died, or passed the group's timeout)
+    raises SplitError."""
     import torch.distributed as dist
     device = tensor.device
-    if dist.get_backend(group) == "gloo" and device.type != "cpu":
-        tensor = tensor.cpu()
+    if dist.get_backend(group) == "gloo":
+        transport = torch.device("cpu")
+    else:
+        transport = device if device.type != "cpu" else torch.device("cuda", torch.cuda.current_device())
+    tensor = tensor.to(transport)
     parts = [torch.empty_like(tensor) for _ in range(world)]
     try:
         dist.all_gather(parts, tensor.contiguous(), group=group)
