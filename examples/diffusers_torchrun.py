@@ -101,6 +101,7 @@ def main():
         out[0].save(args.out)
         print(f"saved {args.out}; {seconds:.1f}s; rank 0: {report}")
     if distributed:
+        dist.barrier()              # every rank done before any tears the group down (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

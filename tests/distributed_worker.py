@@ -66,6 +66,7 @@ def main():
         handle.remove()
     torch.save(results, Path(spec["out"]) / f"rank{rank}.pt")
     if group is not None and not any("error" in r for r in results.values()):
+        dist.barrier()              # every rank done before any tears the group down
         dist.destroy_process_group()
 
 

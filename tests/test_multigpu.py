@@ -38,6 +38,12 @@ def devices(monkeypatch):
 
     def split(model, n):
         listed[:] = [torch.device("cpu")] + [torch.device("cpu", i) for i in range(n - 1)]
+        # the node walks the loaded models and reads each one's ModelPatcher, which is None for an entry whose patcher
+        # is gone while its model is still referenced (an earlier test's; ComfyUI 0.33's create_multigpu_deepclones
+        # does not skip those): they are dropped from the list, as ComfyUI drops them once their model is collected
+        mm.cleanup_models_gc()
+        mm.cleanup_models()
+        mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not None]
         base = model.clone()
         base.cached_patcher_init = (lambda: tm.load_test_model()[0], ())   # what the node deep-clones from
         out = MultiGPUCFGSplitNode.execute(base, n).result[0]
