@@ -209,9 +209,9 @@ SD15_GPU_MS = {"full": 34.6, "encoder": 14.5,
                "decoder": ((1, 19.3), (2, 20.0), (4, 23.6), (5, 26.1), (8, 34.6), (10, 41.1), (15, 58.1))}
 
 
-def _decoder_ms(width: int) -> float:
-    """Piecewise-linear in the measured widths, extended linearly past the widest."""
-    pts = SD15_GPU_MS["decoder"]
+def decoder_ms(width: int, pts=SD15_GPU_MS["decoder"]) -> float:
+    """ms of one decoder batch of ``width`` steps from measured (width, ms) points (SD1.5's above by default):
+    piecewise-linear between them, extended linearly past the widest."""
     for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
         if width <= w1:
             return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
@@ -225,5 +225,5 @@ def predicted_gpu_fraction(plan: Plan) -> float:
     if plan.num_steps == 0:
         return 1.0
     ms = SD15_GPU_MS
-    total = sum(ms["full"] if len(g) == 1 else ms["encoder"] + _decoder_ms(len(g)) for g in plan.groups)
+    total = sum(ms["full"] if len(g) == 1 else ms["encoder"] + decoder_ms(len(g)) for g in plan.groups)
     return total / (plan.num_steps * ms["full"])

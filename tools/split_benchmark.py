@@ -23,7 +23,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 EXAMPLE = ROOT / "examples" / "diffusers_torchrun.py"
+
+from fasterdiffusion.strategy import SD15_GPU_MS, decoder_ms, make_plan, parse_strategy  # noqa: E402
 
 
 def run(world: int, args) -> list[dict]:
@@ -44,12 +47,13 @@ def run(world: int, args) -> list[dict]:
 
 
 # ms per UNet call on one H100, fp16, ComfyUI 0.3.75's UNetModel, one image with CFG (../shared/docs/gpu.md): the full
-# forward, encoder + middle, and one decoder batch of w steps
+# forward, encoder + middle, and (width, ms) of one decoder batch of w steps; SD1.5 eager is the planner's own
+WIDTHS = (1, 2, 4, 5, 8, 10, 15)
 GPU_MS = {
-    "SD1.5 512², eager": (34.6, 14.5, {1: 19.3, 2: 20.0, 4: 23.6, 5: 26.1, 8: 34.6, 10: 41.1, 15: 58.1}),
-    "SD1.5 512², CUDA graphs": (11.9, 4.6, {1: 7.5, 2: 10.7, 4: 17.4, 5: 21.5, 8: 31.1, 10: 39.5, 15: 56.2}),
-    "SDXL 1024², eager": (76.8, 36.1, {1: 29.8, 2: 45.3, 4: 79.8, 5: 99.0, 8: 149.0, 10: 187.8, 15: 275.0}),
-    "SDXL 1024², CUDA graphs": (41.9, 17.9, {1: 24.1, 2: 42.0, 4: 78.1, 5: 97.3, 8: 147.9, 10: 186.9, 15: 274.4}),
+    "SD1.5 512², eager": (SD15_GPU_MS["full"], SD15_GPU_MS["encoder"], SD15_GPU_MS["decoder"]),
+    "SD1.5 512², CUDA graphs": (11.9, 4.6, tuple(zip(WIDTHS, (7.5, 10.7, 17.4, 21.5, 31.1, 39.5, 56.2)))),
+    "SDXL 1024², eager": (76.8, 36.1, tuple(zip(WIDTHS, (29.8, 45.3, 79.8, 99.0, 149.0, 187.8, 275.0)))),
+    "SDXL 1024², CUDA graphs": (41.9, 17.9, tuple(zip(WIDTHS, (24.1, 42.0, 78.1, 97.3, 147.9, 186.9, 274.4)))),
 }
 # (latent channels, latent side h x w, rows per step with CFG, UNet channels per level, res blocks per level)
 LAYOUTS = {"SD1.5 512²": (4, (64, 64), 2, (320, 640, 1280, 1280), 2),
@@ -57,27 +61,13 @@ LAYOUTS = {"SD1.5 512²": (4, (64, 64), 2, (320, 640, 1280, 1280), 2),
            "SVD 14 frames 576x1024": (4, (72, 128), 2 * 14, (320, 640, 1280, 1280), 2)}
 
 
-def decoder_ms(curve: dict, width: int) -> float:
-    """Piecewise-linear between the measured widths (0 for no steps)."""
-    if width == 0:
-        return 0.0
-    pts = sorted(curve.items())
-    for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
-        if width <= w1:
-            return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
-    (wa, ta), (wb, tb) = pts[-2], pts[-1]
-    return tb + (tb - ta) * (width - wb) / (wb - wa)
-
-
 def composed_ms(model: str, groups: list, devices: int) -> float:
     """UNet ms of a run: a lone key step in full, a group one encoder pass plus its widest rank's decoder batch."""
     full, enc, curve = GPU_MS[model]
-    return sum(full if g == 1 else enc + decoder_ms(curve, -(-g // devices)) for g in groups)
+    return sum(full if g == 1 else enc + decoder_ms(-(-g // devices), curve) for g in groups)
 
 
 def gpu_table() -> str:
-    sys.path.insert(0, str(ROOT))
-    from fasterdiffusion.strategy import make_plan, parse_strategy
     worlds = (1, 2, 4, 8)
     lines = ["| model | keys (50 steps) | " + " | ".join(f"N = {n}" for n in worlds) + " |",
              "|---|---|" + "---|" * len(worlds)]
