@@ -385,7 +385,7 @@ def apply(pipe, strategy: str | Strategy = "paper", parallel: bool = True, max_d
     ``process_group``: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under torchrun)
     whose ranks all run the same pipeline call (same prompt, seed and settings): each group's decoder steps are split
     between them and their outputs all-gathered, so every rank gets the same latents (``fasterdiffusion.distributed``,
-    ``examples/diffusers_multi_gpu.py``); None (default): one process.
+    ``examples/diffusers_torchrun.py``); None (default): one process.
 
     Applying again replaces the earlier patch (the last settings win).  Raises TypeError for a pipeline or
     denoiser (UNet or transformer) it cannot serve, StrategyError for a bad strategy string (the message shows the

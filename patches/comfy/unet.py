@@ -179,6 +179,15 @@ def window_frames(to) -> tuple:
             None if native is None else (getattr(native, "dim", None), tuple(getattr(native, "index_list", ()))))
 
 
+def run_of(to) -> Run | None:
+    """The run state a call with these transformer_options works on: the run's own, or in a MultiGPU CFG split's
+    device thread (``multigpu_thread_device``, ComfyUI 0.33) that device's (``Run.for_device``)."""
+    run = to.get(RUN_KEY)
+    if run is not None and "multigpu_thread_device" in to:
+        run = run.for_device(to["multigpu_thread_device"])
+    return run
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     unet = executor.class_obj
     adapter_cls = adapter_class(unet)
@@ -186,9 +195,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     a = bind(unet, args, kwargs)
     to = a["transformer_options"]
-    run = to.get(RUN_KEY)
-    if run is not None and "multigpu_thread_device" in to:     # a MultiGPU CFG split's device thread: its own state
-        run = run.for_device(to["multigpu_thread_device"])
+    run = run_of(to)
 
     def full():       # the host's forward; deferred ControlNet residuals (controlnet_reuse) computed now
         control = a.get("control")
@@ -244,8 +251,7 @@ def end_run(run: Run, options: dict, config: FasterDiffusionConfig):
 def count_bypassed_call(executor, *args, **kwargs):
     """APPLY_MODEL, in a bypassed run only: each UNet call, counted where no compiled graph can swallow it."""
     to = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-    run = to[RUN_KEY]
-    (run.for_device(to["multigpu_thread_device"]) if "multigpu_thread_device" in to else run).count_full_call()
+    run_of(to).count_full_call()
     return executor(*args, **kwargs)
 
 
