@@ -219,15 +219,19 @@ def decode(latents):
 
 
 class StandInVAE:
-    """Stands in for ComfyUI's VAE (``decode(latents) -> images [B,H,W,3]``): the digits model's
-    pixel-shuffle decoder, or a sigmoid of channel 0 for the random-weight models."""
+    """Stands in for ComfyUI's VAE (``decode(latents) -> images [B,H,W,3]``): the digits or the Fashion-MNIST model's
+    pixel-shuffle decoder (kind "digits", "fashion"), or a sigmoid of channel 0 for the random-weight models."""
 
     def __init__(self, kind: str = "digits"):
         self.kind = kind
 
     def decode(self, latents):
         import torch
-        gray = decode(latents) if self.kind == "digits" else torch.sigmoid(latents[:, 0].float())
+        if self.kind == "fashion":
+            from . import fashion
+            gray = fashion.decode(latents)
+        else:
+            gray = decode(latents) if self.kind == "digits" else torch.sigmoid(latents[:, 0].float())
         return gray.unsqueeze(-1).repeat(1, 1, 1, 3)
 
 

@@ -261,8 +261,10 @@ def test_example_workflow_loads_converts_and_runs(classic_page, path):
         node["inputs"].update(SIZES.get(node["class_type"], {}))
         if one_pass:
             node["inputs"].update({k: v for k, v in FASHION_FILES.items() if k in node["inputs"]})
-            node["inputs"].update(FASHION_SIZE if node["class_type"] == "EmptyLatentImage" else {})
-            node["inputs"].update(text=FASHION_PROMPT) if node["class_type"] == "FDTestTextEncode" else None
+            if node["class_type"] == "EmptyLatentImage":
+                node["inputs"].update(FASHION_SIZE)
+            if node["class_type"] == "FDTestTextEncode":
+                node["inputs"]["text"] = FASHION_PROMPT
         if node["class_type"] == "LoadImage":             # the real node, on an image of another size and aspect
             (base / "input").mkdir(exist_ok=True)
             Image.linear_gradient("L").resize((48, 32)).convert("RGB").save(base / "input" / node["inputs"]["image"])

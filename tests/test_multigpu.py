@@ -13,17 +13,7 @@ import torch
 
 import testmodel as tm
 from conftest import apply
-
-STEPS = 10
-KEYS = "uniform:2"
-DIGITS = [3, 8]
-
-
-def ksampler(model, pos, neg):
-    import nodes
-    latent = {"samples": torch.zeros(len(DIGITS), 4, 8, 8)}
-    (out,) = nodes.KSampler().sample(model, 0, STEPS, 3.0, "euler", "normal", pos, neg, latent, 1.0)
-    return out["samples"]
+from test_compat import DIGITS, KEYS, ksampler
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ class FDTestCheckpoint:
             return tm.sdxl_tiny_model(), _TextEncoder("sdxl"), tm.StandInVAE("sdxl")
         if "fashion" in ckpt_name.lower():
             model, tokens = fm.load_fashion_model()
-            return model, _TextEncoder("fashion", tokens), _FashionVAE()
+            return model, _TextEncoder("fashion", tokens), tm.StandInVAE("fashion")
         model, tokens = tm.load_test_model()
         return model, _TextEncoder("digits", tokens), tm.StandInVAE("digits")
 
@@ -96,23 +96,19 @@ class FDTestTextEncode:
             return ([[tw.text(seed), {}]],)
         if clip.kind == "fashion":  # the class the text names ("sneaker"), else as for digits
             return (fm.conditioning(clip.tokens, [fashion_class(text)])[0],)
-        digit = next((int(c) for c in text if c.isdigit()), seed)
-        return (tm.digit_conditioning(clip.tokens, [digit])[0],)
+        return (tm.digit_conditioning(clip.tokens, [text_digit(text)])[0],)
+
+
+def text_digit(text: str) -> int:
+    """The digit a prompt names (its first), else the sum of its bytes mod 10."""
+    return next((int(c) for c in text if c.isdigit()), sum(text.encode()) % 10)
 
 
 def fashion_class(text: str) -> int:
-    """The Fashion-MNIST class a prompt names (the first of ``fm.CLASSES`` in it), else its first digit, else the
-    sum of its bytes mod 10 (as FDTestTextEncode picks a digit)."""
+    """The Fashion-MNIST class a prompt names (the first of ``fm.CLASSES`` in it), else ``text_digit``."""
     lower = text.lower()
     named = [i for i, name in enumerate(fm.CLASSES) if name.lower() in lower]
-    return named[0] if named else next((int(c) for c in text if c.isdigit()), sum(text.encode()) % 10)
-
-
-class _FashionVAE:
-    """``decode(latents) -> images [B,28,28,3]``: the Fashion-MNIST model's pixel fold, grey in three channels."""
-
-    def decode(self, latents):
-        return fm.decode(latents).unsqueeze(-1).repeat(1, 1, 1, 3)
+    return named[0] if named else text_digit(text)
 
 
 class FDTestVAEDecode:
